@@ -1,0 +1,101 @@
+"""Every configuration key of lct_jax, with the paper's values (method.md section 10).
+
+Dataset files (ffhq.py, celebahq.py, ...) import `get_config` from here and override. Override on
+the command line with `--config.group.key=value`. The config is validated and converted into frozen
+dataclasses (lct_jax/config_lib.py) before anything is compiled.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default (paper, FFHQ-like) configuration."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # -- data -------------------------------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "ffhq"
+  data.dir = ""  # folder holding the encoding job's TFDS shards and latent_stats.json
+  data.num_examples = 70_000  # training latents; with train.num_epochs gives the total steps K
+  data.latent_shape = (32, 32, 4)  # H, W, C (NHWC everywhere in lct_jax)
+  data.autoencoder = "stabilityai/sd-vae-ft-ema"  # or "pixel" (exact space-to-depth, no weights)
+  data.scale_factor = 0.18215
+  data.sigma_data = 0.5  # latents are standardized per element, then multiplied by this
+  data.use_flipped = False  # also train on the stored moments of h-flipped images
+  data.sample_posterior = False  # False: stored sample/mean; True: fresh mean + std * eps each step
+
+  # -- model (EDM's DhariwalUNet, method.md section 4.1) --------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "dhariwal_unet"
+  model.model_channels = 128
+  model.channel_mult = (1, 2, 3, 4)
+  model.num_blocks = 4
+  model.attn_resolutions = (16, 8)
+  model.dropout = 0.0
+  model.final_norm = "nsln"  # group | layer | nsln   (method.md section 3.6)
+  model.nsln_everywhere = False  # ablation: every GroupNorm becomes NsLN
+  model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+
+  # -- consistency training (method.md sections 2 and 3) ------------------------------------------
+  config.lct = lct = ml_collections.ConfigDict()
+  lct.sigma_min = 0.002
+  lct.sigma_max = 80.0
+  lct.rho = 7.0
+  lct.p_mean = -1.1
+  lct.p_std = 2.0
+  lct.s0 = 10
+  lct.s1 = 640
+  lct.loss = "cauchy"  # cauchy | pseudo_huber | geman_mcclure | l2
+  lct.c_schedule = "adaptive"  # adaptive | constant
+  lct.c_constant = 0.03456  # the constant c; also c of the first stage under "adaptive"
+  lct.c_log_slope = -1.15  # adaptive: c(N) = exp(slope * ln(N - 1) + intercept) for N > s0 + 1
+  lct.c_log_intercept = -0.85
+  lct.diffusion_weight = 5.0  # 0 disables the early-timestep diffusion loss
+  lct.diffusion_threshold = 0.75  # mask i >= floor(threshold * N)
+
+  # -- optimal-transport coupling of data and noise (method.md section 3.5) -----------------------
+  config.ot = ot = ml_collections.ConfigDict()
+  ot.method = "exact"  # none | exact (scipy on host) | hungarian (optax, jittable) | sinkhorn
+  ot.scope = "local"  # local: each device's batch (the paper) | global: the whole batch
+  ot.sinkhorn_epsilon = 0.01  # relative to the standard deviation of the cost matrix
+  ot.sinkhorn_iterations = 200
+
+  # -- optimizer and EMA (method.md section 5.1) --------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 1e-4
+  optim.warmup_steps = 0
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.weight_decay = 1e-4  # coupled (added to the gradient before RAdam), as torch RAdam
+  optim.grad_clip = 0.0  # 0: no clipping (the paper)
+  optim.ema_decay = 0.9999
+
+  # -- training loop ------------------------------------------------------------------------------
+  config.train = train = ml_collections.ConfigDict()
+  train.global_batch_size = 128
+  train.num_epochs = 1400
+  train.total_steps = -1  # -1: floor(data.num_examples / global_batch_size) * num_epochs
+  train.log_every_steps = 100
+  train.sample_every_steps = 10_000
+  train.max_consecutive_nonfinite = 20
+
+  # -- checkpoints --------------------------------------------------------------------------------
+  config.ckpt = ckpt = ml_collections.ConfigDict()
+  ckpt.every_steps = 5_000
+  ckpt.keep = 3
+  ckpt.keep_every = 50_000
+
+  # -- evaluation ---------------------------------------------------------------------------------
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.num_samples = 50_000
+  ev.batch_size = 256
+  ev.seed = 42
+  ev.sigma_mid = (0.821,)  # intermediate sigmas for 2-step sampling (method.md section 6.2)
+
+  # -- device mesh --------------------------------------------------------------------------------
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.num_devices = -1  # -1: all devices
+  mesh.distributed = False  # call jax.distributed.initialize() in main (multi-host)
+  return config

@@ -1,0 +1,170 @@
+"""From an ml_collections config to the frozen objects the core layer compiles against.
+
+Owns start-up validation (every error is one line naming the config key), the derived total step
+count K, and the construction of the network, curriculum, OT and optimizer settings. Nothing here is
+read inside compiled code: the core receives frozen dataclasses and plain scalars.
+"""
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from lct_jax.core import curriculum, karras, ot, train
+from lct_jax.core.models import unet
+
+FINAL_NORMS = ("group", "layer", "nsln")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; the message names the key."""
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+  raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+def _one_of(config: ml_collections.ConfigDict, key: str, allowed: tuple[str, ...]) -> None:
+  value = _get(config, key)
+  if value not in allowed:
+    _fail(key, value, f"unknown value; expected one of {', '.join(allowed)}")
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  """K: train.total_steps, or floor(data.num_examples / train.global_batch_size) * num_epochs."""
+  if config.train.total_steps > 0:
+    return int(config.train.total_steps)
+  steps_per_epoch = config.data.num_examples // config.train.global_batch_size
+  return int(steps_per_epoch * config.train.num_epochs)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ConfigError (naming the key) for a config that cannot train; returns None otherwise.
+
+  Args:
+    config: the full config.
+    num_devices: devices the batch is split over; None skips the divisibility check.
+  """
+  _one_of(config, "lct.loss", curriculum.LOSSES)
+  _one_of(config, "lct.c_schedule", curriculum.C_SCHEDULES)
+  _one_of(config, "ot.method", ot.METHODS)
+  _one_of(config, "ot.scope", ot.SCOPES)
+  _one_of(config, "model.final_norm", FINAL_NORMS)
+  _one_of(config, "model.dtype", tuple(DTYPES))
+  lct = config.lct
+  if lct.s0 < 1:
+    _fail("lct.s0", lct.s0, "must be at least 1")
+  if lct.s1 < lct.s0:
+    _fail("lct.s1", lct.s1, f"must be >= lct.s0={lct.s0}")
+  if not lct.c_constant > 0:
+    _fail("lct.c_constant", lct.c_constant, "the robust-loss scale c must be positive")
+  if not 0 < lct.sigma_min < lct.sigma_max:
+    _fail("lct.sigma_min", lct.sigma_min, f"must satisfy 0 < sigma_min < sigma_max={lct.sigma_max}")
+  if lct.diffusion_weight < 0:
+    _fail("lct.diffusion_weight", lct.diffusion_weight, "must be >= 0 (0 disables it)")
+  if not 0 < lct.diffusion_threshold <= 1:
+    _fail("lct.diffusion_threshold", lct.diffusion_threshold, "must lie in (0, 1]")
+  if config.ot.sinkhorn_epsilon <= 0:
+    _fail("ot.sinkhorn_epsilon", config.ot.sinkhorn_epsilon, "must be positive")
+  if not 0 <= config.optim.ema_decay < 1:
+    _fail("optim.ema_decay", config.optim.ema_decay, "must lie in [0, 1)")
+  if config.optim.learning_rate <= 0:
+    _fail("optim.learning_rate", config.optim.learning_rate, "must be positive")
+  batch = config.train.global_batch_size
+  if batch < 1:
+    _fail("train.global_batch_size", batch, "must be positive")
+  if num_devices is not None and batch % num_devices:
+    _fail("train.global_batch_size", batch, f"is not divisible by the {num_devices} devices")
+  if total_steps(config) < 1:
+    _fail(
+      "train.total_steps",
+      config.train.total_steps,
+      "gives no training steps (check data.num_examples and train.num_epochs)",
+    )
+  shape = tuple(config.data.latent_shape)
+  levels = len(config.model.channel_mult)
+  if len(shape) != 3 or shape[0] != shape[1] or shape[0] % 2 ** (levels - 1):
+    _fail(
+      "data.latent_shape",
+      shape,
+      f"must be (H, H, C) with H divisible by 2^{levels - 1} (model.channel_mult)",
+    )
+  for s in config.eval.sigma_mid:
+    if not lct.sigma_min < s < lct.sigma_max:
+      _fail(
+        "eval.sigma_mid", tuple(config.eval.sigma_mid), "each must lie in (sigma_min, sigma_max)"
+      )
+
+
+def noise_config(config: ml_collections.ConfigDict) -> karras.NoiseConfig:
+  """The noise constants."""
+  lct = config.lct
+  return karras.NoiseConfig(lct.sigma_min, lct.sigma_max, lct.rho, config.data.sigma_data)
+
+
+def curriculum_config(config: ml_collections.ConfigDict) -> curriculum.CurriculumConfig:
+  """The frozen curriculum / loss settings, with the derived total step count."""
+  lct = config.lct
+  return curriculum.CurriculumConfig(
+    noise=noise_config(config),
+    p_mean=lct.p_mean,
+    p_std=lct.p_std,
+    s0=lct.s0,
+    s1=lct.s1,
+    total_steps=total_steps(config),
+    loss=lct.loss,
+    c_schedule=lct.c_schedule,
+    c_constant=lct.c_constant,
+    c_log_slope=lct.c_log_slope,
+    c_log_intercept=lct.c_log_intercept,
+    diffusion_weight=lct.diffusion_weight,
+    diffusion_threshold=lct.diffusion_threshold,
+  )
+
+
+def ot_config(config: ml_collections.ConfigDict) -> ot.OTConfig:
+  """The frozen OT-coupling settings."""
+  c = config.ot
+  return ot.OTConfig(c.method, c.scope, c.sinkhorn_epsilon, c.sinkhorn_iterations)
+
+
+def optim_config(config: ml_collections.ConfigDict) -> train.OptimConfig:
+  """The frozen optimizer / EMA settings."""
+  c = config.optim
+  return train.OptimConfig(
+    c.learning_rate, c.warmup_steps, c.b1, c.b2, c.eps, c.weight_decay, c.grad_clip, c.ema_decay
+  )
+
+
+def build_model(config: ml_collections.ConfigDict) -> unet.DhariwalUNet:
+  """The network of config.model for latents of shape config.data.latent_shape."""
+  m = config.model
+  if m.name != "dhariwal_unet":
+    _fail("model.name", m.name, "unknown model; expected dhariwal_unet")
+  h, _, c = tuple(config.data.latent_shape)
+  return unet.DhariwalUNet(
+    img_resolution=h,
+    in_channels=c,
+    out_channels=c,
+    model_channels=m.model_channels,
+    channel_mult=tuple(m.channel_mult),
+    num_blocks=m.num_blocks,
+    attn_resolutions=tuple(m.attn_resolutions),
+    dropout=m.dropout,
+    final_norm=m.final_norm,
+    nsln_everywhere=m.nsln_everywhere,
+    dtype=DTYPES[m.dtype],
+  )
+
+
+def example_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(H, W, C) of one latent."""
+  return tuple(int(v) for v in config.data.latent_shape)

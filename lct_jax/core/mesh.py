@@ -1,0 +1,27 @@
+"""Device mesh and shardings: one data-parallel axis named "data" (jit + NamedSharding, no pmap)."""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int = -1) -> Mesh:
+  """A 1-D mesh over the first `num_devices` devices (-1: all), axis "data", automatic sharding."""
+  devices = jax.devices()
+  if num_devices > len(devices):
+    raise ValueError(f"config.mesh.num_devices={num_devices} but only {len(devices)} devices exist")
+  if num_devices > 0:
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Sharding of a value held whole on every device (params, optimizer state)."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a batch: leading axis split over "data"."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))

@@ -1,0 +1,353 @@
+"""Building blocks of EDM's ADM re-implementation (DhariwalUNet), written in Flax Linen.
+
+This module owns the layers that `lct_jax.core.models.unet.DhariwalUNet` is assembled from, each
+parameter for parameter the same as its counterpart in EDM (Karras et al. 2022):
+
+* the EDM weight initialisation (`edm_kaiming_uniform`),
+* `Linear` and `Conv2d` (with EDM's [1,1] box-filter resampling: `downsample_2x`, `upsample_2x`),
+* normalisation: `GroupNorm` (EDM's group rule), the paper's Non-scaling LayerNorm `NsLN`
+  (method.md section 3.6; with `use_scale=True` it is the scaled LayerNorm over (H, W, C)), and the
+  selection helper `make_norm`,
+* multi-head self-attention (`attention_op`, `SelfAttention`),
+* the sinusoidal noise embedding (`positional_embedding`),
+* the residual block `UNetBlock`.
+
+Layout is NHWC, convolution kernels are HWIO, dense kernels are (in, out). Parameters are always
+float32; `dtype` is the computation dtype of convolutions, dense layers and attention. Norms are
+computed in float32 and return float32.
+"""
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[[jax.Array, tuple[int, ...], Dtype], jax.Array]
+
+# EDM's DhariwalUNet gains: `init` (kaiming_uniform, weight and bias gain sqrt(1/3)).
+EDM_INIT_GAIN = math.sqrt(1.0 / 3.0)
+NORM_KINDS = ("group", "layer", "nsln")
+
+
+def edm_kaiming_uniform(fan_in: int, gain: float) -> Initializer:
+  """EDM's `weight_init(mode='kaiming_uniform') * gain` as a Flax initializer.
+
+  EDM draws sqrt(3 / fan_in) * (2U - 1), U ~ Uniform[0, 1), and multiplies by `init_weight` (weights)
+  or `init_bias` (biases); both use the fan-in of the layer's weight, so with gain sqrt(1/3) every
+  entry is uniform on [-1/sqrt(fan_in), 1/sqrt(fan_in)].
+
+  Args:
+    fan_in: fan-in of the layer's weight (in_features, or in_channels * k * k).
+    gain: EDM's init_weight / init_bias. 0 gives EDM's `init_zero`.
+
+  Returns:
+    An initializer `(key, shape, dtype) -> array`.
+  """
+  bound = gain * math.sqrt(3.0 / fan_in)
+
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+    if gain == 0:
+      return jnp.zeros(shape, dtype)
+    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+  return init
+
+
+def downsample_2x(x: jax.Array) -> jax.Array:
+  """EDM's [1,1]-filter downsampling: 2x2 average pooling with stride 2 (odd edges dropped).
+
+  Args:
+    x: (B, H, W, C).
+
+  Returns:
+    (B, H // 2, W // 2, C), same dtype.
+  """
+  b, h, w, c = x.shape
+  x = x[:, : 2 * (h // 2), : 2 * (w // 2)]
+  x = x.reshape(b, h // 2, 2, w // 2, 2, c)
+  return x.astype(jnp.float32).mean(axis=(2, 4)).astype(x.dtype)
+
+
+def upsample_2x(x: jax.Array) -> jax.Array:
+  """EDM's [1,1]-filter upsampling (transposed conv with a 2x2 all-ones kernel): nearest 2x.
+
+  Args:
+    x: (B, H, W, C).
+
+  Returns:
+    (B, 2H, 2W, C), same dtype.
+  """
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class Linear(nn.Module):
+  """EDM `Linear`: y = x W + b with kernel (in, out), EDM kaiming-uniform init."""
+
+  features: int
+  use_bias: bool = True
+  init_weight: float = EDM_INIT_GAIN
+  init_bias: float = EDM_INIT_GAIN
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x (..., in). Returns: (..., features) in `dtype`."""
+    fan_in = x.shape[-1]
+    w = self.param(
+      "kernel", edm_kaiming_uniform(fan_in, self.init_weight), (fan_in, self.features), jnp.float32
+    )
+    y = jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+    if self.use_bias:
+      b = self.param("bias", edm_kaiming_uniform(fan_in, self.init_bias), (self.features,))
+      y = y + b.astype(self.dtype)
+    return y
+
+
+class Conv2d(nn.Module):
+  """EDM `Conv2d` (non-fused): optional [1,1] resampling, then a k x k 'same' convolution.
+
+  `kernel_size=0` gives EDM's weightless resampling-only layer (then `features` must equal the
+  input channel count). Kernel HWIO, fan_in = in_channels * k * k for weight and bias init.
+  """
+
+  features: int
+  kernel_size: int
+  use_bias: bool = True
+  up: bool = False
+  down: bool = False
+  init_weight: float = EDM_INIT_GAIN
+  init_bias: float = EDM_INIT_GAIN
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x (B, H, W, Cin). Returns: (B, H', W', features) in `dtype` (H' = 2H / H/2 / H)."""
+    assert not (self.up and self.down), "Conv2d: up and down are exclusive"
+    cin = x.shape[-1]
+    x = x.astype(self.dtype)
+    if self.up:
+      x = upsample_2x(x)
+    if self.down:
+      x = downsample_2x(x)
+    k = self.kernel_size
+    if not k:
+      assert self.features == cin, "a weightless Conv2d cannot change the channel count"
+      return x
+    fan_in = cin * k * k
+    w = self.param(
+      "kernel", edm_kaiming_uniform(fan_in, self.init_weight), (k, k, cin, self.features)
+    )
+    pad = k // 2
+    y = jax.lax.conv_general_dilated(
+      x,
+      w.astype(self.dtype),
+      window_strides=(1, 1),
+      padding=((pad, pad), (pad, pad)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    if self.use_bias:
+      b = self.param("bias", edm_kaiming_uniform(fan_in, self.init_bias), (self.features,))
+      y = y + b.astype(self.dtype)
+    return y
+
+
+class GroupNorm(nn.Module):
+  """EDM `GroupNorm`: groups = min(num_groups, C // min_channels_per_group), eps 1e-5, affine per C.
+
+  Computed in float32 (biased variance, as torch.nn.functional.group_norm); returns float32.
+  """
+
+  num_groups: int = 32
+  min_channels_per_group: int = 4
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x (B, H, W, C). Returns: normalised x, float32."""
+    c = x.shape[-1]
+    groups = min(self.num_groups, c // self.min_channels_per_group)
+    assert groups >= 1 and c % groups == 0, f"GroupNorm: bad group count {groups} for {c} channels"
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    h = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, c // groups)
+    axes = tuple(range(1, h.ndim - 2)) + (h.ndim - 1,)
+    mean = h.mean(axis=axes, keepdims=True)
+    var = jnp.square(h - mean).mean(axis=axes, keepdims=True)
+    h = ((h - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    return h * scale + bias
+
+
+class NsLN(nn.Module):
+  """Non-scaling LayerNorm (method.md section 3.6) over all non-batch axes of each sample.
+
+  y = (h - mean(h)) / sqrt(var(h) + eps) + beta, beta learnable of shape x.shape[1:] (e.g. (H, W, C)),
+  no scale. With `use_scale=True` a learnable gamma of the same shape multiplies the normalised
+  value: the ordinary (scaled) LayerNorm over (H, W, C), the "layer" option. Float32 in and out.
+  """
+
+  use_scale: bool = False
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x (B, ...). Returns: normalised x, float32."""
+    shape = x.shape[1:]
+    h = x.astype(jnp.float32)
+    axes = tuple(range(1, h.ndim))
+    mean = h.mean(axis=axes, keepdims=True)
+    var = jnp.square(h - mean).mean(axis=axes, keepdims=True)
+    h = (h - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      h = h * self.param("scale", nn.initializers.ones, shape, jnp.float32)
+    return h + self.param("bias", nn.initializers.zeros, shape, jnp.float32)
+
+
+def make_norm(kind: str, name: str | None = None) -> nn.Module:
+  """Normalisation layer selection.
+
+  Args:
+    kind: "group" (EDM GroupNorm), "layer" (LayerNorm over (H, W, C) with scale and shift) or
+      "nsln" (Non-scaling LayerNorm over (H, W, C), shift only).
+    name: submodule name.
+
+  Returns:
+    An unbound Flax module (bound to the enclosing compact module when called inside one).
+  """
+  if kind == "group":
+    return GroupNorm(name=name)
+  if kind == "layer":
+    return NsLN(use_scale=True, name=name)
+  if kind == "nsln":
+    return NsLN(use_scale=False, name=name)
+  raise ValueError(f"unknown norm kind {kind!r}; expected one of {NORM_KINDS}")
+
+
+def positional_embedding(
+  x: jax.Array, num_channels: int, max_positions: int = 10000, endpoint: bool = False
+) -> jax.Array:
+  """EDM `PositionalEmbedding`: [cos(x f_k), sin(x f_k)], f_k = (1/max_positions)^(k/(C/2 - endpoint)).
+
+  Args:
+    x: (B,) positions (here c_noise(sigma)).
+    num_channels: C, even; C/2 frequencies, k = 0..C/2-1.
+    max_positions: base of the geometric frequency ladder.
+    endpoint: EDM's flag; if True the last frequency is exactly 1/max_positions.
+
+  Returns:
+    (B, C) float32, cosines first.
+  """
+  half = num_channels // 2
+  freqs = jnp.arange(half, dtype=jnp.float32) / (half - (1 if endpoint else 0))
+  freqs = (1.0 / max_positions) ** freqs
+  arg = x.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=1)
+
+
+def attention_op(qkv: jax.Array, num_heads: int) -> jax.Array:
+  """Multi-head softmax self-attention over the spatial positions, EDM channel layout.
+
+  The 3C channels of `qkv` are laid out as (head, channel-in-head, {q, k, v}) like EDM's
+  `reshape(B * heads, C // heads, 3, -1)`, and the output channel is head * (C // heads) + c, so
+  EDM weights can be ported by transposing kernels only. Logits and softmax run in float32 (as
+  EDM's AttentionOp); the weighted sum of values runs in qkv's dtype.
+
+  Args:
+    qkv: (B, H, W, 3C).
+    num_heads: number of heads; C must be divisible by it.
+
+  Returns:
+    (B, H, W, C) in qkv's dtype.
+  """
+  b, h, w, c3 = qkv.shape
+  c = c3 // 3
+  assert c % num_heads == 0, f"attention: {c} channels not divisible into {num_heads} heads"
+  ch = c // num_heads
+  t = qkv.reshape(b, h * w, num_heads, ch, 3)
+  q, k, v = t[..., 0], t[..., 1], t[..., 2]
+  logits = jnp.einsum(
+    "bqnc,bknc->bnqk", q.astype(jnp.float32), k.astype(jnp.float32) / math.sqrt(ch)
+  )
+  weights = jax.nn.softmax(logits, axis=-1).astype(qkv.dtype)
+  out = jnp.einsum("bnqk,bknc->bqnc", weights, v)
+  return out.reshape(b, h, w, c)
+
+
+class SelfAttention(nn.Module):
+  """EDM UNetBlock's attention branch with its residual: x + proj(attn(qkv(norm2(x)))).
+
+  qkv is a 1x1 conv C -> 3C with the EDM init, proj a zero-initialised 1x1 conv C -> C.
+  Submodules: `norm2`, `qkv`, `proj` (EDM's names).
+  """
+
+  num_heads: int
+  norm: str = "group"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x (B, H, W, C). Returns: (B, H, W, C), dtype of x promoted with `dtype`."""
+    c = x.shape[-1]
+    h = make_norm(self.norm, name="norm2")(x)
+    qkv = Conv2d(3 * c, 1, dtype=self.dtype, name="qkv")(h)
+    a = attention_op(qkv, self.num_heads)
+    out = Conv2d(c, 1, init_weight=0.0, init_bias=0.0, dtype=self.dtype, name="proj")(a)
+    return x + out
+
+
+class UNetBlock(nn.Module):
+  """EDM `UNetBlock` as DhariwalUNet configures it (ADM residual block).
+
+  norm0 -> SiLU -> conv0 (3x3, with up/down resampling) ; x = SiLU(shift + norm1(x) * (scale + 1))
+  with (scale, shift) = affine(emb) ; dropout ; conv1 (3x3, zero init) ; + skip, where skip is a
+  1x1 conv (after resampling) only if the channel count changes, else the (resampled) input;
+  skip_scale = 1. If `attention` and out_channels // channels_per_head > 0, a `SelfAttention`
+  branch (submodule `attn`) follows; with fewer channels than one head EDM silently has none.
+  """
+
+  out_channels: int
+  up: bool = False
+  down: bool = False
+  attention: bool = False
+  channels_per_head: int = 64
+  dropout: float = 0.0
+  norm: str = "group"
+  dtype: Dtype = jnp.float32
+
+  @property
+  def num_heads(self) -> int:
+    """EDM's head count: out_channels // channels_per_head when attention is on, else 0."""
+    return self.out_channels // self.channels_per_head if self.attention else 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+    """Apply the block.
+
+    Args:
+      x: (B, H, W, Cin).
+      emb: (B, E) embedding (already through SiLU).
+      train: enables dropout (rng collection 'dropout').
+
+    Returns:
+      (B, H', W', out_channels).
+    """
+    cin = x.shape[-1]
+    cout = self.out_channels
+    resample = dict(up=self.up, down=self.down, dtype=self.dtype)
+    h = nn.silu(make_norm(self.norm, name="norm0")(x))
+    h = Conv2d(cout, 3, name="conv0", **resample)(h)
+    params = Linear(2 * cout, dtype=self.dtype, name="affine")(emb).astype(jnp.float32)
+    scale, shift = params[:, None, None, :cout], params[:, None, None, cout:]
+    h = nn.silu(shift + make_norm(self.norm, name="norm1")(h) * (scale + 1.0))
+    h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
+    h = Conv2d(cout, 3, init_weight=0.0, init_bias=0.0, dtype=self.dtype, name="conv1")(h)
+    if cout != cin:
+      skip = Conv2d(cout, 1, name="skip", **resample)(x)
+    else:
+      skip = Conv2d(cout, 0, name="skip", **resample)(x) if (self.up or self.down) else x
+    x = h + skip.astype(h.dtype)
+    if self.num_heads:
+      x = SelfAttention(self.num_heads, norm=self.norm, dtype=self.dtype, name="attn")(x)
+    return x

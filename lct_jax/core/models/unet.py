@@ -1,0 +1,127 @@
+"""EDM's ADM re-implementation `DhariwalUNet` (Karras et al. 2022) in Flax Linen, unconditional.
+
+This module owns the network used for all paper results (method.md section 4.1). At the same
+configuration it has exactly the parameters of EDM's `training/networks.py::DhariwalUNet` (no label
+or augmentation embedding); the only intended difference is the switchable final norm (EDM
+GroupNorm, LayerNorm or the paper's Non-scaling LayerNorm over (H, W, C), method.md section 3.6)
+and the `nsln_everywhere` ablation. Submodule names follow EDM's (`enc_32x32_block0`,
+`dec_4x4_in0`, `map_layer0`, `out_norm`, ...), with '.' replaced by '_'.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lct_jax.core.models.layers import (
+  NORM_KINDS,
+  Conv2d,
+  Linear,
+  UNetBlock,
+  make_norm,
+  positional_embedding,
+)
+
+
+class DhariwalUNet(nn.Module):
+  """EDM DhariwalUNet (ADM): NHWC in, NHWC out.
+
+  Attributes:
+    img_resolution: H == W of the input.
+    in_channels: input channels.
+    out_channels: output channels.
+    model_channels: base channel count (embedding width is 4x this).
+    channel_mult: per-resolution channel multipliers.
+    num_blocks: residual blocks per resolution in the encoder (decoder: num_blocks + 1).
+    attn_resolutions: resolutions whose (non-resampling) blocks have self-attention.
+    dropout: dropout rate inside the residual blocks.
+    final_norm: "group" | "layer" | "nsln" for the output norm.
+    nsln_everywhere: ablation; every inner GroupNorm becomes an NsLN over (H, W, C) too.
+    dtype: computation dtype; params are always float32 and the output is float32.
+  """
+
+  img_resolution: int
+  in_channels: int
+  out_channels: int
+  model_channels: int = 128
+  channel_mult: Sequence[int] = (1, 2, 3, 4)
+  num_blocks: int = 4
+  attn_resolutions: Sequence[int] = (16, 8)
+  dropout: float = 0.0
+  final_norm: str = "nsln"
+  nsln_everywhere: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, noise_labels: jax.Array, *, train: bool) -> jax.Array:
+    """Apply the network.
+
+    Args:
+      x: (B, H, W, C) NHWC input, H == W == img_resolution, C == in_channels.
+      noise_labels: (B,) c_noise(sigma) (already 250 * ln sigma).
+      train: enables dropout, which draws from the 'dropout' rng collection, so two calls given
+        the same 'dropout' key get identical masks (student and teacher share dropout).
+
+    Returns:
+      (B, H, W, out_channels) float32.
+    """
+    if self.final_norm not in NORM_KINDS:
+      raise ValueError(f"final_norm must be one of {NORM_KINDS}, got {self.final_norm!r}")
+    expected = (self.img_resolution, self.img_resolution, self.in_channels)
+    if tuple(x.shape[1:]) != expected:
+      raise ValueError(f"DhariwalUNet expects (B, {expected}) NHWC input, got {x.shape}")
+    attn_res = tuple(self.attn_resolutions)
+    block = functools.partial(
+      UNetBlock,
+      dropout=self.dropout,
+      norm="nsln" if self.nsln_everywhere else "group",
+      dtype=self.dtype,
+    )
+
+    # Mapping: Linear -> SiLU -> Linear -> SiLU (EDM applies the second SiLU after the optional
+    # label term, which this unconditional network does not have).
+    emb_channels = 4 * self.model_channels
+    emb = positional_embedding(noise_labels, self.model_channels)
+    emb = nn.silu(Linear(emb_channels, dtype=self.dtype, name="map_layer0")(emb))
+    emb = nn.silu(Linear(emb_channels, dtype=self.dtype, name="map_layer1")(emb))
+
+    # Encoder: every output (the stem conv and every block) is kept as a skip.
+    skips = []
+    h = x
+    for level, mult in enumerate(self.channel_mult):
+      res = self.img_resolution >> level
+      tag = f"{res}x{res}"
+      if level == 0:
+        h = Conv2d(self.model_channels * mult, 3, dtype=self.dtype, name=f"enc_{tag}_conv")(h)
+      else:
+        h = block(h.shape[-1], down=True, name=f"enc_{tag}_down")(h, emb, train=train)
+      skips.append(h)
+      for idx in range(self.num_blocks):
+        h = block(
+          self.model_channels * mult, attention=res in attn_res, name=f"enc_{tag}_block{idx}"
+        )(h, emb, train=train)
+        skips.append(h)
+
+    # Decoder: in0 (always with attention) / in1 at the lowest resolution, an up block elsewhere,
+    # then num_blocks + 1 blocks each consuming one skip by channel concatenation.
+    for level, mult in reversed(list(enumerate(self.channel_mult))):
+      res = self.img_resolution >> level
+      tag = f"{res}x{res}"
+      if level == len(self.channel_mult) - 1:
+        h = block(h.shape[-1], attention=True, name=f"dec_{tag}_in0")(h, emb, train=train)
+        h = block(h.shape[-1], name=f"dec_{tag}_in1")(h, emb, train=train)
+      else:
+        h = block(h.shape[-1], up=True, name=f"dec_{tag}_up")(h, emb, train=train)
+      for idx in range(self.num_blocks + 1):
+        h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
+        h = block(
+          self.model_channels * mult, attention=res in attn_res, name=f"dec_{tag}_block{idx}"
+        )(h, emb, train=train)
+
+    h = nn.silu(make_norm(self.final_norm, name="out_norm")(h))
+    h = Conv2d(
+      self.out_channels, 3, init_weight=0.0, init_bias=0.0, dtype=self.dtype, name="out_conv"
+    )(h)
+    return h.astype(jnp.float32)

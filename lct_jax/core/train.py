@@ -1,0 +1,215 @@
+"""Train state, optimizer and the pure, jitted, sharded consistency-training step (method.md 3.7).
+
+Owns: `TrainState` (arrays only: step, params, ema_params, opt_state, key, nonfinite_steps), the
+RAdam optimizer with coupled weight decay, `create_train_state` (built with eval_shape, created
+directly into its sharding) and `make_train_step`. The model and optimizer are closed over, never
+stored in the state. All randomness of a step comes from fold_in(state.key, state.step).
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from lct_jax.core import curriculum, karras, losses, ot
+from lct_jax.core import mesh as mesh_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """RAdam with coupled weight decay, optional warmup and clipping, and the EMA (method.md 5.1)."""
+
+  learning_rate: float = 1e-4
+  warmup_steps: int = 0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 1e-4
+  grad_clip: float = 0.0
+  ema_decay: float = 0.9999
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; a pytree of arrays only."""
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  key: jax.Array
+  nonfinite_steps: jax.Array
+
+
+def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """RAdam whose gradient first gets `weight_decay * params` added (torch RAdam's coupled L2).
+
+  Returns:
+    The optax transformation and the learning-rate schedule (for logging).
+  """
+  if cfg.warmup_steps > 0:
+    schedule = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+  else:
+    schedule = optax.constant_schedule(cfg.learning_rate)
+  parts = []
+  if cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+  if cfg.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(cfg.weight_decay))
+  parts.append(optax.radam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+  return optax.chain(*parts), schedule
+
+
+def create_train_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  key: jax.Array,
+  example_shape: tuple[int, ...],
+  mesh: Mesh,
+) -> TrainState:
+  """Initializes the state directly into its (replicated) sharding.
+
+  Args:
+    model: the network F(x, noise_labels, train=...).
+    tx: the optimizer.
+    key: PRNG key (raw uint32[2]); split into init and training keys.
+    example_shape: shape of one example, e.g. (32, 32, 4).
+    mesh: device mesh.
+
+  Returns:
+    The initial TrainState with EMA params equal to the params.
+  """
+  init = _state_initializer(model, tx, example_shape)
+  return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(key)
+
+
+def abstract_train_state(
+  model: nn.Module, tx: optax.GradientTransformation, example_shape: tuple[int, ...], mesh: Mesh
+) -> TrainState:
+  """The state's shapes and dtypes carrying their shardings, for an orbax restore onto `mesh`."""
+  shapes = jax.eval_shape(_state_initializer(model, tx, example_shape), jax.random.PRNGKey(0))
+  sharding = mesh_lib.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def _state_initializer(model, tx, example_shape) -> Callable[[jax.Array], TrainState]:
+  def init(key):
+    init_key, train_key = jax.random.split(key)
+    x = jnp.zeros((1, *example_shape), jnp.float32)
+    params = model.init({"params": init_key}, x, jnp.zeros((1,)), train=False)["params"]
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=params,
+      opt_state=tx.init(params),
+      key=train_key,
+      nonfinite_steps=jnp.zeros((), jnp.int32),
+    )
+
+  return init
+
+
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  lr_schedule: optax.Schedule,
+  cfg: curriculum.CurriculumConfig,
+  ot_cfg: ot.OTConfig,
+  optim_cfg: OptimConfig,
+  mesh: Mesh,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Builds `train_step(state, batch) -> (state, metrics)`, jitted over `mesh`, state donated.
+
+  `batch["x"]` holds normalized latents (B, H, W, C), sharded along B over the "data" axis. The
+  teacher is the same params under stop_gradient, with the student's dropout key. A step whose loss
+  or gradient is not finite leaves params, EMA and optimizer state unchanged and is counted in
+  `state.nonfinite_steps`; the step counter advances either way. Metrics stay on the device.
+  """
+  data_sharding = mesh_lib.batch_sharding(mesh)
+
+  def denoiser(params, dropout_key):
+    def net(x_in, labels):
+      return model.apply(
+        {"params": params}, x_in, labels, train=True, rngs={"dropout": dropout_key}
+      )
+
+    return lambda x, sigma: karras.consistency_fn(net, x, sigma, cfg.noise)
+
+  def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    x = batch["x"].astype(jnp.float32)
+    batch_size = x.shape[0]
+    step_key = jax.random.fold_in(state.key, state.step)
+    k_noise, k_index, k_ot, k_dropout = jax.random.split(step_key, 4)
+
+    n_scales = curriculum.num_scales(state.step, cfg)
+    c = curriculum.scale_c(n_scales, cfg)
+    noise = jax.lax.with_sharding_constraint(
+      jax.random.normal(k_noise, x.shape, jnp.float32), data_sharding
+    )
+    noise = ot.couple(x, noise, k_ot, config=ot_cfg, mesh=mesh)
+    i = jax.lax.with_sharding_constraint(
+      curriculum.sample_intervals(k_index, n_scales, batch_size, cfg), data_sharding
+    )
+    sigma = karras.karras_sigma(i, n_scales, cfg.noise)
+    sigma_next = karras.karras_sigma(i + 1, n_scales, cfg.noise)
+    bcast = (batch_size,) + (1,) * (x.ndim - 1)
+
+    teacher = jax.lax.stop_gradient(
+      denoiser(state.params, k_dropout)(x + sigma_next.reshape(bcast) * noise, sigma_next)
+    )
+    mask = curriculum.diffusion_mask(i, n_scales, cfg)
+    weight = curriculum.diffusion_weight(sigma, cfg)
+
+    def loss_fn(params):
+      student = denoiser(params, k_dropout)(x + sigma.reshape(bcast) * noise, sigma)
+      ct = losses.consistency_loss(student, teacher, sigma, sigma_next, c, cfg.loss)
+      if cfg.diffusion_weight > 0:
+        diff = losses.diffusion_loss(student, x, weight, mask)
+      else:
+        diff = jnp.zeros((), jnp.float32)
+      return ct + cfg.diffusion_weight * diff, (ct, diff)
+
+    (loss, (ct, diff)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = optim_cfg.ema_decay
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+
+    def keep_if_finite(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = state.replace(
+      step=state.step + 1,
+      params=keep_if_finite(params, state.params),
+      ema_params=keep_if_finite(ema, state.ema_params),
+      opt_state=keep_if_finite(opt_state, state.opt_state),
+      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(
+      loss=loss,
+      ct_loss=ct,
+      diff_loss=diff,
+      num_scales=n_scales,
+      c=c,
+      learning_rate=lr_schedule(state.step),
+      grad_norm=grad_norm,
+      diff_fraction=jnp.mean(mask.astype(jnp.float32)),
+      nonfinite=(~finite).astype(jnp.int32),
+    )
+    return new_state, metrics
+
+  replicated = mesh_lib.replicated(mesh)
+  return jax.jit(
+    step_fn,
+    in_shardings=(replicated, data_sharding),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )

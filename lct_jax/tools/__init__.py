@@ -1,0 +1,1 @@
+"""Small command-line tools (jobs layer): model summary, schedule printout."""

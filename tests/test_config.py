@@ -1,0 +1,118 @@
+"""Config validation (one-line errors naming the key), presets, and the two tools."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from configs import ablation, celebahq, default, ffhq, ilct, lsun_church
+from configs import test as test_config
+from lct_jax import config_lib
+from lct_jax.core import ot
+
+
+@pytest.mark.parametrize(
+  "key,value,num_devices",
+  [
+    ("lct.loss", "huber", None),
+    ("ot.method", "emd", None),
+    ("ot.scope", "world", None),
+    ("lct.c_schedule", "cosine", None),
+    ("model.final_norm", "batch", None),
+    ("lct.s1", 5, None),  # s1 < s0
+    ("lct.c_constant", -0.01, None),
+    ("train.global_batch_size", 100, 8),
+    ("optim.ema_decay", 1.0, None),
+    ("data.latent_shape", (30, 30, 4), None),
+  ],
+)
+def test_bad_values_name_their_key(key, value, num_devices):
+  config = default.get_config()
+  group, name = key.split(".")
+  config[group][name] = value
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(config, num_devices)
+  message = str(err.value)
+  assert message.startswith(f"config.{key}=") and "\n" not in message
+
+
+def test_presets_validate_and_match_the_paper():
+  for mod in (default, ffhq, celebahq, lsun_church, ilct, test_config):
+    config_lib.validate(mod.get_config(), 8)
+  assert config_lib.total_steps(ffhq.get_config()) == 546 * 1400
+  assert config_lib.total_steps(celebahq.get_config()) == 210 * 1400
+  assert config_lib.total_steps(lsun_church.get_config()) == 937 * 1800
+  base = ilct.get_config()
+  assert (
+    base.lct.loss,
+    base.lct.c_schedule,
+    base.lct.diffusion_weight,
+    base.ot.method,
+    base.model.final_norm,
+  ) == ("pseudo_huber", "constant", 0.0, "none", "group")
+
+
+def test_ablation_chain_adds_one_component_at_a_time():
+  def keys(c):
+    return (
+      c.lct.loss,
+      c.lct.diffusion_weight > 0,
+      c.ot.method,
+      c.lct.c_schedule,
+      c.model.final_norm,
+    )
+
+  chain = [keys(ablation.get_config(n)) for n in ablation.CHAIN]
+  for a, b in zip(chain, chain[1:]):
+    assert sum(x != y for x, y in zip(a, b)) == 1
+  assert chain[0] == keys(ilct.get_config())
+  assert chain[-1] == keys(celebahq.get_config())
+  assert ablation.get_config("geman_mcclure").lct.loss == "geman_mcclure"
+
+
+def test_ot_settings_round_trip():
+  config = default.get_config()
+  assert config_lib.ot_config(config) == ot.OTConfig("exact", "local", 0.01, 200)
+
+
+def run_tool(*args):
+  out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  return out.stdout
+
+
+def test_schedule_tool_json():
+  result = json.loads(run_tool("lct_jax.tools.schedule", "--config=configs/ffhq.py", "--json"))
+  assert result["total_steps"] == 764_400
+  assert [s["N"] for s in result["stages"]] == [11, 21, 41, 81, 161, 321, 641]
+  assert [s["start_step"] for s in result["stages"]] == [109_200 * j for j in range(7)]
+  assert set(result["stages"][0]) == {
+    "start_step",
+    "end_step",
+    "N",
+    "c",
+    "diff_sigma_max",
+    "diff_fraction",
+  }
+
+
+def test_schedule_tool_reports_bad_config():
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lct_jax.tools.schedule",
+      "--config=configs/ffhq.py",
+      "--config.lct.loss=huber",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode != 0 and "config.lct.loss='huber'" in out.stderr
+
+
+def test_model_summary_tool_counts_the_paper_network():
+  out = run_tool("lct_jax.tools.model_summary", "--config=configs/ffhq.py")
+  assert "Total parameters: 151,456,772" in out

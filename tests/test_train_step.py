@@ -1,0 +1,264 @@
+"""The sharded train step: compile-once across N, device-count invariance, learning, guards, optimizer."""
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import test as test_config
+from lct_jax import config_lib
+from lct_jax.core import karras, sampling, train
+from lct_jax.core import mesh as mesh_lib
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(config_json, num_devices):
+  """Model, jitted init and jitted step per (config, devices): tests share compilations."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  mesh = mesh_lib.make_mesh(num_devices)
+  model = config_lib.build_model(config)
+  tx, schedule = train.make_optimizer(config_lib.optim_config(config))
+  init = jax.jit(
+    lambda key: train.create_train_state(model, tx, key, config_lib.example_shape(config), mesh)
+  )
+  step = train.make_train_step(
+    model,
+    tx,
+    schedule,
+    config_lib.curriculum_config(config),
+    config_lib.ot_config(config),
+    config_lib.optim_config(config),
+    mesh,
+  )
+  return mesh, model, init, step
+
+
+def build(config, num_devices):
+  mesh, model, init, step = _compiled(config.to_json(), num_devices)
+  return mesh, model, init(jax.random.PRNGKey(config.seed)), step
+
+
+def dataset(config, n=32, seed=0):
+  """Smooth random patterns (fixed, tiny), standardized to std 0.5 like normalized latents."""
+  h, w, c = config_lib.example_shape(config)
+  rng = np.random.default_rng(seed)
+  yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+  f = rng.uniform(1, 3, size=(n, 1, 1, c))
+  phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1, c))
+  x = np.sin(2 * np.pi * f * (xx[None, :, :, None] + yy[None, :, :, None]) + phase)
+  return (0.5 * x / x.std()).astype(np.float32)
+
+
+def put(x, mesh):
+  return jax.device_put(x, mesh_lib.batch_sharding(mesh))
+
+
+def test_compiles_once_across_curriculum_stages():
+  config = test_config.get_config()
+  config.train.total_steps = 12  # s0=2, s1=8: N goes 3, 5, 9 every 4 steps
+  mesh, _, state, step = build(config, 8)
+  data = dataset(config, 16)
+  seen = set()
+  for _ in range(12):
+    state, metrics = step(state, {"x": put(data, mesh)})
+    seen.add(int(metrics["num_scales"]))
+  assert seen == {3, 5, 9}
+  assert step._cache_size() == 1
+
+
+def run_steps(config, num_devices, steps, data):
+  mesh, _, state, step = build(config, num_devices)
+  history = []
+  for _ in range(steps):
+    state, metrics = step(state, {"x": put(data, mesh)})
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history
+
+
+def test_same_loss_on_one_and_eight_devices():
+  config = test_config.get_config()
+  config.ot.scope = "global"  # local scope couples per device, which depends on the device count
+  data = dataset(config, 16)
+  s1, h1 = run_steps(config, 1, 3, data)
+  s8, h8 = run_steps(config, 8, 3, data)
+  for a, b in zip(h1, h8):
+    for k in ("loss", "ct_loss", "diff_loss", "diff_fraction", "num_scales", "c"):
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=k)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), s1.params, s8.params
+  )
+
+
+def test_a_few_hundred_steps_drive_the_loss_down():
+  config = test_config.get_config()
+  config.lct.s0 = config.lct.s1 = (
+    10  # a fixed N and c, so the losses of early and late steps compare
+  )
+  config.lct.c_schedule = "constant"
+  config.train.total_steps = 300
+  config.optim.learning_rate = 2e-3
+  data = dataset(config, 16)
+  _, hist = run_steps(config, 1, 300, data)
+  loss = np.array([h["loss"] for h in hist])
+  assert np.all(np.isfinite(loss))
+  assert loss[-50:].mean() < 0.6 * loss[:20].mean(), (loss[:20].mean(), loss[-50:].mean())
+
+
+def test_metrics_are_consistent():
+  config = test_config.get_config()
+  data = dataset(config, 16)
+  _, hist = run_steps(config, 8, 2, data)
+  for m in hist:
+    assert m["loss"] == pytest.approx(m["ct_loss"] + 5.0 * m["diff_loss"], rel=1e-5)
+    assert m["c"] == pytest.approx(0.03456, rel=1e-6)  # first stage
+    assert m["learning_rate"] == pytest.approx(1e-3)
+    assert 0.0 <= m["diff_fraction"] <= 1.0 and m["grad_norm"] > 0 and m["nonfinite"] == 0
+
+
+def test_nonfinite_step_changes_nothing_but_the_counters():
+  config = test_config.get_config()
+  mesh, _, state, step = build(config, 8)
+  data = dataset(config, 16)
+  state, _ = step(state, {"x": put(data, mesh)})
+  before = jax.device_get(state)
+  bad = data.copy()
+  bad[3, 0, 0, 0] = np.nan
+  state, metrics = step(state, {"x": put(bad, mesh)})
+  after = jax.device_get(state)
+  assert int(metrics["nonfinite"]) == 1
+  assert int(after.nonfinite_steps) == 1 and int(after.step) == int(before.step) + 1
+  for name in ("params", "ema_params", "opt_state"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(before, name), getattr(after, name))
+  state, metrics = step(state, {"x": put(data, mesh)})  # and training goes on
+  assert int(metrics["nonfinite"]) == 0
+
+
+def test_ema_update():
+  config = test_config.get_config()
+  mesh, _, state, step = build(config, 8)
+  p0 = jax.device_get(state.params)
+  state, _ = step(state, {"x": put(dataset(config, 16), mesh)})
+  p1, e1 = jax.device_get((state.params, state.ema_params))
+  jax.tree.map(
+    lambda e, a, b: np.testing.assert_allclose(e, 0.9 * a + 0.1 * b, rtol=1e-5, atol=1e-7),
+    e1,
+    p0,
+    p1,
+  )
+
+
+def np_radam(theta, grads, lr, b1, b2, eps, wd):
+  """Torch-style RAdam with coupled L2 (Liu et al. 2020), float64, one parameter vector."""
+  m = np.zeros_like(theta)
+  v = np.zeros_like(theta)
+  rho_inf = 2 / (1 - b2) - 1
+  for t, g in enumerate(grads, start=1):
+    g = g + wd * theta
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat = m / (1 - b1**t)
+    rho_t = rho_inf - 2 * t * b2**t / (1 - b2**t)
+    if rho_t > 5:
+      v_hat = np.sqrt(v / (1 - b2**t))
+      r = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+      theta = theta - lr * r * m_hat / (v_hat + eps)
+    else:
+      theta = theta - lr * m_hat
+  return theta
+
+
+def test_radam_with_coupled_weight_decay():
+  cfg = train.OptimConfig(learning_rate=1e-2, weight_decay=0.1, eps=1e-8)
+  tx, _ = train.make_optimizer(cfg)
+  rng = np.random.default_rng(0)
+  theta0 = rng.normal(size=7)
+  grads = [rng.normal(size=7) for _ in range(12)]  # RAdam turns adaptive at t = 6 with b2 = 0.999
+  params = jnp.asarray(theta0, jnp.float32)
+  opt = tx.init(params)
+  for g in grads:
+    updates, opt = tx.update(jnp.asarray(g, jnp.float32), opt, params)
+    params = optax.apply_updates(params, updates)
+  want = np_radam(theta0, grads, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+  np.testing.assert_allclose(np.asarray(params), want, rtol=1e-4, atol=1e-6)
+
+
+def test_samplers_closed_form_at_init_and_device_invariance():
+  """At init the output conv is zero, so f(x, s) = c_skip(s) x: the samples have a closed form."""
+  config = test_config.get_config()
+  noise_cfg = config_lib.noise_config(config)
+  shape = config_lib.example_shape(config)
+  key = jax.random.PRNGKey(7)
+  idx = np.arange(16, dtype=np.int32)
+
+  def c_skip(s):
+    return 0.25 / ((s - 0.002) ** 2 + 0.25)
+
+  z0 = np.stack(
+    [
+      np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), 0), shape))
+      for i in idx
+    ]
+  )
+  z1 = np.stack(
+    [
+      np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), 1), shape))
+      for i in idx
+    ]
+  )
+  one_step = c_skip(80.0) * 80.0 * z0
+  two_step = c_skip(0.821) * (one_step + math.sqrt(0.821**2 - 0.002**2) * z1)
+
+  results = {}
+  for devices, batch in ((1, 16), (8, 16), (8, 8)):
+    mesh, model, state, _ = build(config, devices)
+    for mids in ((), (0.821,)):
+      sampler = sampling.make_sampler(model, noise_cfg, shape, mesh, mids)
+      out = np.concatenate(
+        [
+          np.asarray(sampler(state.params, key, put(idx[s : s + batch], mesh)))
+          for s in range(0, len(idx), batch)
+        ]
+      )
+      results[(devices, batch, mids)] = out
+  for (devices, batch, mids), out in results.items():
+    np.testing.assert_allclose(out, two_step if mids else one_step, rtol=1e-5, atol=1e-5)
+
+
+def test_samplers_agree_across_devices_with_a_trained_network():
+  config = test_config.get_config()
+  data = dataset(config, 16)
+  outs = []
+  for devices, batch in ((1, 16), (8, 8)):
+    mesh, model, state, step = build(config, devices)
+    for _ in range(3):
+      state, _ = step(state, {"x": put(data, mesh)})
+    sampler = sampling.make_sampler(
+      model, config_lib.noise_config(config), config_lib.example_shape(config), mesh, (0.821,)
+    )
+    idx = np.arange(16, dtype=np.int32)
+    outs.append(
+      np.concatenate(
+        [
+          np.asarray(
+            sampler(state.ema_params, jax.random.PRNGKey(1), put(idx[s : s + batch], mesh))
+          )
+          for s in range(0, 16, batch)
+        ]
+      )
+    )
+  assert np.abs(outs[0]).max() > 0
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-3, atol=1e-4)
+
+
+def test_consistency_fn_used_by_sampler_respects_boundary():
+  config = test_config.get_config()
+  cfg = config_lib.noise_config(config)
+  x = jnp.ones((2, 8, 8, 2))
+  out = karras.consistency_fn(lambda a, b: a * 0 + 5.0, x, jnp.full((2,), cfg.sigma_min), cfg)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
