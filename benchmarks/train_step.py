@@ -18,7 +18,6 @@ from ml_collections import config_flags
 
 from lct_jax import config_lib
 from lct_jax.core import mesh as mesh_lib
-from lct_jax.core import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ffhq.py", "Training config.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size.")
@@ -50,21 +49,10 @@ def run(config, batch_size: int, steps: int, warmup: int) -> dict:
   """Times the train step of `config` at `batch_size`; returns the result record."""
   config.train.global_batch_size = batch_size
   mesh = mesh_lib.make_mesh(config.mesh.num_devices)
-  config_lib.validate(config, mesh.size)
-  model = config_lib.build_model(config)
-  optim = config_lib.optim_config(config)
-  tx, schedule = train.make_optimizer(optim)
-  shape = config_lib.example_shape(config)
-  state = train.create_train_state(model, tx, jax.random.PRNGKey(0), shape, mesh)
-  step = train.make_train_step(
-    model,
-    tx,
-    schedule,
-    config_lib.curriculum_config(config),
-    config_lib.ot_config(config),
-    optim,
-    mesh,
-  )
+  trainer = config_lib.build_trainer(config, mesh)
+  shape = trainer.example_shape
+  state = trainer.init_state(jax.random.PRNGKey(0))
+  step = trainer.train_step
   x = np.random.default_rng(0).normal(0, 0.5, (batch_size, *shape)).astype(np.float32)
   batch = {"x": jax.device_put(x, mesh_lib.batch_sharding(mesh))}
   t0 = time.perf_counter()

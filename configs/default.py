@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.scale_factor = 0.18215
   data.sigma_data = 0.5  # latents are standardized per element, then multiplied by this
   data.use_flipped = False  # also train on the stored moments of h-flipped images
+  data.encode_config = ""  # encode config to run when data.dir holds no finished dataset (demo)
+  data.worker_count = 0  # grain worker processes (0: read in the training process)
   data.sample_posterior = False  # False: stored sample/mean; True: fresh mean + std * eps each step
 
   # -- model (EDM's DhariwalUNet, method.md section 4.1) --------------------------------------------
@@ -77,9 +79,13 @@ def get_config() -> ml_collections.ConfigDict:
   train.global_batch_size = 128
   train.num_epochs = 1400
   train.total_steps = -1  # -1: floor(data.num_examples / global_batch_size) * num_epochs
+  train.microbatches = (
+    1  # gradient accumulation; OT and the diffusion mean still see the whole batch
+  )
   train.log_every_steps = 100
   train.sample_every_steps = 10_000
   train.max_consecutive_nonfinite = 20
+  train.num_grid_samples = 64  # 1-step samples in each logged image grid
 
   # -- checkpoints --------------------------------------------------------------------------------
   config.ckpt = ckpt = ml_collections.ConfigDict()
@@ -98,4 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.num_devices = -1  # -1: all devices
   mesh.distributed = False  # call jax.distributed.initialize() in main (multi-host)
+  mesh.coordinator_address = ""  # "" = auto-detect (TPU pods, SLURM); else "host:port"
+  mesh.num_processes = -1  # -1 = auto-detect
+  mesh.process_id = -1  # -1 = auto-detect
+  mesh.cpu_collectives = ""  # "gloo" for several CPU processes on one machine
   return config

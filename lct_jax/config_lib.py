@@ -5,10 +5,14 @@ count K, and the construction of the network, curriculum, OT and optimizer setti
 read inside compiled code: the core receives frozen dataclasses and plain scalars.
 """
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
+from jax.sharding import Mesh
 
 from lct_jax.core import curriculum, karras, ot, train
 from lct_jax.core.models import unet
@@ -83,6 +87,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _fail("train.global_batch_size", batch, "must be positive")
   if num_devices is not None and batch % num_devices:
     _fail("train.global_batch_size", batch, f"is not divisible by the {num_devices} devices")
+  micro = config.train.microbatches
+  if micro < 1 or batch % micro or (num_devices and (batch // micro) % num_devices):
+    _fail(
+      "train.microbatches",
+      micro,
+      f"must divide train.global_batch_size={batch} into slices divisible by the device count",
+    )
   if total_steps(config) < 1:
     _fail(
       "train.total_steps",
@@ -168,3 +179,42 @@ def build_model(config: ml_collections.ConfigDict) -> unet.DhariwalUNet:
 def example_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """(H, W, C) of one latent."""
   return tuple(int(v) for v in config.data.latent_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """The network, optimizer and compiled step of a config on a mesh (what the jobs drive)."""
+
+  model: unet.DhariwalUNet
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  train_step: Callable
+  mesh: Mesh
+  example_shape: tuple[int, int, int]
+
+  def init_state(self, key: jax.Array) -> train.TrainState:
+    """A fresh train state, created directly into its sharding."""
+    return train.create_train_state(self.model, self.tx, key, self.example_shape, self.mesh)
+
+  def abstract_state(self) -> train.TrainState:
+    """Shapes, dtypes and shardings of the state (for a checkpoint restore)."""
+    return train.abstract_train_state(self.model, self.tx, self.example_shape, self.mesh)
+
+
+def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
+  """Validates `config` for `mesh` and builds its model, optimizer and jitted train step."""
+  validate(config, mesh.size)
+  model = build_model(config)
+  optim = optim_config(config)
+  tx, schedule = train.make_optimizer(optim)
+  step = train.make_train_step(
+    model,
+    tx,
+    schedule,
+    curriculum_config(config),
+    ot_config(config),
+    optim,
+    mesh,
+    microbatches=config.train.microbatches,
+  )
+  return Trainer(model, tx, schedule, step, mesh, example_shape(config))

@@ -19,29 +19,15 @@ from lct_jax.core import mesh as mesh_lib
 
 @functools.lru_cache(maxsize=None)
 def _compiled(config_json, num_devices):
-  """Model, jitted init and jitted step per (config, devices): tests share compilations."""
+  """Trainer and jitted init per (config, devices): tests share compilations."""
   config = ml_collections.ConfigDict(json.loads(config_json))
-  mesh = mesh_lib.make_mesh(num_devices)
-  model = config_lib.build_model(config)
-  tx, schedule = train.make_optimizer(config_lib.optim_config(config))
-  init = jax.jit(
-    lambda key: train.create_train_state(model, tx, key, config_lib.example_shape(config), mesh)
-  )
-  step = train.make_train_step(
-    model,
-    tx,
-    schedule,
-    config_lib.curriculum_config(config),
-    config_lib.ot_config(config),
-    config_lib.optim_config(config),
-    mesh,
-  )
-  return mesh, model, init, step
+  trainer = config_lib.build_trainer(config, mesh_lib.make_mesh(num_devices))
+  return trainer, jax.jit(trainer.init_state)
 
 
 def build(config, num_devices):
-  mesh, model, init, step = _compiled(config.to_json(), num_devices)
-  return mesh, model, init(jax.random.PRNGKey(config.seed)), step
+  trainer, init = _compiled(config.to_json(), num_devices)
+  return trainer.mesh, trainer.model, init(jax.random.PRNGKey(config.seed)), trainer.train_step
 
 
 def dataset(config, n=32, seed=0):
@@ -95,6 +81,21 @@ def test_same_loss_on_one_and_eight_devices():
   )
 
 
+def test_microbatches_give_the_global_batch_update():
+  config = test_config.get_config()
+  config.ot.scope = "global"
+  data = dataset(config, 16)
+  s1, h1 = run_steps(config, 4, 2, data)
+  config.train.microbatches = 2
+  s2, h2 = run_steps(config, 4, 2, data)
+  for a, b in zip(h1, h2):
+    for k in ("loss", "ct_loss", "diff_loss", "grad_norm", "diff_fraction"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s1.params, s2.params
+  )
+
+
 def test_a_few_hundred_steps_drive_the_loss_down():
   config = test_config.get_config()
   config.lct.s0 = config.lct.s1 = (
@@ -133,10 +134,12 @@ def test_nonfinite_step_changes_nothing_but_the_counters():
   after = jax.device_get(state)
   assert int(metrics["nonfinite"]) == 1
   assert int(after.nonfinite_steps) == 1 and int(after.step) == int(before.step) + 1
+  assert int(after.nonfinite_streak) == 1 and int(after.last_nonfinite_step) == int(before.step)
   for name in ("params", "ema_params", "opt_state"):
     jax.tree.map(np.testing.assert_array_equal, getattr(before, name), getattr(after, name))
   state, metrics = step(state, {"x": put(data, mesh)})  # and training goes on
-  assert int(metrics["nonfinite"]) == 0
+  assert int(metrics["nonfinite"]) == 0 and int(state.nonfinite_streak) == 0
+  assert int(state.last_nonfinite_step) == int(before.step)
 
 
 def test_ema_update():

@@ -54,7 +54,7 @@ def _geman_mcclure_jvp(primals, tangents):
   return _geman_mcclure(r2, c2), (8.0 * c2 * dr2 - 8.0 * r2 * dc2) / jnp.square(den)
 
 
-def consistency_loss(
+def consistency_terms(
   student: jax.Array,
   teacher: jax.Array,
   sigma: jax.Array,
@@ -62,9 +62,8 @@ def consistency_loss(
   c: jax.Array,
   kind: str,
 ) -> jax.Array:
-  """mean_b[ d(f(x_i), f^-(x_{i+1})) / (sigma_i - sigma_{i+1}) ] over the (global) batch."""
-  dist = robust_distance(mean_flat_sq(student, teacher), c, kind)
-  return jnp.mean(dist / (sigma - sigma_next))
+  """Per-sample CT loss d(f(x_i), f^-(x_{i+1})) / (sigma_i - sigma_{i+1}); its batch mean is L_CT."""
+  return robust_distance(mean_flat_sq(student, teacher), c, kind) / (sigma - sigma_next)
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -77,8 +76,6 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return total / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
 
-def diffusion_loss(
-  student: jax.Array, x0: jax.Array, weight: jax.Array, mask: jax.Array
-) -> jax.Array:
-  """Masked mean of weight(sigma_i) * MSE(f(x_i, sigma_i), x0) over samples with mask set."""
-  return masked_mean(weight * mean_flat_sq(student, x0), mask)
+def diffusion_terms(student: jax.Array, x0: jax.Array, weight: jax.Array) -> jax.Array:
+  """Per-sample weight(sigma_i) * MSE(f(x_i, sigma_i), x0); L_diff is their masked mean."""
+  return weight * mean_flat_sq(student, x0)

@@ -25,3 +25,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of a batch: leading axis split over "data"."""
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def initialize_distributed(
+  coordinator_address: str = "",
+  num_processes: int = -1,
+  process_id: int = -1,
+  cpu_collectives: str = "",
+) -> None:
+  """jax.distributed.initialize() for multi-host runs; called by the jobs, never at import.
+
+  Args:
+    coordinator_address: "host:port", or "" to let JAX detect it (TPU pods, SLURM).
+    num_processes: -1 to detect.
+    process_id: -1 to detect.
+    cpu_collectives: "gloo" for several CPU processes on one machine (tests); "" otherwise.
+  """
+  if cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  kwargs = {}
+  if coordinator_address:
+    kwargs["coordinator_address"] = coordinator_address
+  if num_processes > 0:
+    kwargs["num_processes"] = num_processes
+  if process_id >= 0:
+    kwargs["process_id"] = process_id
+  jax.distributed.initialize(**kwargs)

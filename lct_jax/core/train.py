@@ -36,14 +36,17 @@ class OptimConfig:
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that changes during training; a pytree of arrays only."""
+  """Everything that changes during training; a pytree of arrays only (step, params, ema_params,
+  opt_state, key and the non-finite-step counters)."""
 
   step: jax.Array
   params: Any
   ema_params: Any
   opt_state: Any
   key: jax.Array
-  nonfinite_steps: jax.Array
+  nonfinite_steps: jax.Array  # steps skipped because the loss or gradient was not finite
+  nonfinite_streak: jax.Array  # how many of the latest steps in a row were skipped
+  last_nonfinite_step: jax.Array  # the last skipped step, -1 if none
 
 
 def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -109,6 +112,8 @@ def _state_initializer(model, tx, example_shape) -> Callable[[jax.Array], TrainS
       opt_state=tx.init(params),
       key=train_key,
       nonfinite_steps=jnp.zeros((), jnp.int32),
+      nonfinite_streak=jnp.zeros((), jnp.int32),
+      last_nonfinite_step=jnp.full((), -1, jnp.int32),
     )
 
   return init
@@ -122,8 +127,13 @@ def make_train_step(
   ot_cfg: ot.OTConfig,
   optim_cfg: OptimConfig,
   mesh: Mesh,
+  microbatches: int = 1,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)`, jitted over `mesh`, state donated.
+
+  With `microbatches` > 1 the gradient is accumulated over that many slices of the batch, after
+  the noise, its OT coupling, the intervals and the diffusion mask were drawn for the whole global
+  batch: the update is the global batch's, at a fraction of the activation memory.
 
   `batch["x"]` holds normalized latents (B, H, W, C), sharded along B over the "data" axis. The
   teacher is the same params under stop_gradient, with the student's dropout key. A step whose loss
@@ -157,24 +167,51 @@ def make_train_step(
     )
     sigma = karras.karras_sigma(i, n_scales, cfg.noise)
     sigma_next = karras.karras_sigma(i + 1, n_scales, cfg.noise)
-    bcast = (batch_size,) + (1,) * (x.ndim - 1)
-
-    teacher = jax.lax.stop_gradient(
-      denoiser(state.params, k_dropout)(x + sigma_next.reshape(bcast) * noise, sigma_next)
-    )
     mask = curriculum.diffusion_mask(i, n_scales, cfg)
-    weight = curriculum.diffusion_weight(sigma, cfg)
+    # The loss is a sum of per-sample terms over the global batch: CT terms / B plus the masked
+    # diffusion terms / (global count of masked samples). Microbatches then add up exactly.
+    ct_scale = 1.0 / batch_size
+    diff_scale = 1.0 / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
-    def loss_fn(params):
-      student = denoiser(params, k_dropout)(x + sigma.reshape(bcast) * noise, sigma)
-      ct = losses.consistency_loss(student, teacher, sigma, sigma_next, c, cfg.loss)
+    def micro_loss(params, mb):
+      bcast = (mb["x"].shape[0],) + (1,) * (x.ndim - 1)
+      # Student and teacher share the dropout key (iCT); each microbatch gets its own.
+      f = denoiser(params, jax.random.fold_in(k_dropout, mb["micro"]))
+      x_next = mb["x"] + mb["sigma_next"].reshape(bcast) * mb["noise"]
+      teacher = jax.lax.stop_gradient(f(x_next, mb["sigma_next"]))
+      student = f(mb["x"] + mb["sigma"].reshape(bcast) * mb["noise"], mb["sigma"])
+      ct = ct_scale * jnp.sum(
+        losses.consistency_terms(student, teacher, mb["sigma"], mb["sigma_next"], c, cfg.loss)
+      )
+      diff = jnp.zeros((), jnp.float32)
       if cfg.diffusion_weight > 0:
-        diff = losses.diffusion_loss(student, x, weight, mask)
-      else:
-        diff = jnp.zeros((), jnp.float32)
+        terms = losses.diffusion_terms(
+          student, mb["x"], curriculum.diffusion_weight(mb["sigma"], cfg)
+        )
+        diff = diff_scale * jnp.sum(jnp.where(mb["mask"], terms, 0.0))
       return ct + cfg.diffusion_weight * diff, (ct, diff)
 
-    (loss, (ct, diff)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    per_sample = dict(x=x, noise=noise, sigma=sigma, sigma_next=sigma_next, mask=mask)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if microbatches == 1:
+      (loss, (ct, diff)), grads = grad_fn(state.params, dict(per_sample, micro=0))
+    else:
+      # Microbatch m takes rows m, m + M, m + 2M, ...: every device keeps contributing rows.
+      split = jax.tree.map(
+        lambda v: jnp.swapaxes(
+          v.reshape(batch_size // microbatches, microbatches, *v.shape[1:]), 0, 1
+        ),
+        per_sample,
+      )
+      split["micro"] = jnp.arange(microbatches)
+
+      def accumulate(carry, mb):
+        (loss_m, aux_m), grads_m = grad_fn(state.params, mb)
+        return jax.tree.map(jnp.add, carry, ((loss_m, aux_m), grads_m)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      init = ((jnp.zeros(()), (jnp.zeros(()), jnp.zeros(()))), zeros)
+      ((loss, (ct, diff)), grads), _ = jax.lax.scan(accumulate, init, split)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -192,6 +229,8 @@ def make_train_step(
       ema_params=keep_if_finite(ema, state.ema_params),
       opt_state=keep_if_finite(opt_state, state.opt_state),
       nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+      last_nonfinite_step=jnp.where(finite, state.last_nonfinite_step, state.step),
     )
     metrics = dict(
       loss=loss,
