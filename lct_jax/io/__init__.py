@@ -1,0 +1,12 @@
+"""The io layer: datasets, autoencoders, and files (tfds, grain, orbax, diffusers, clu allowed).
+
+Modules:
+  autoencoder     the SD VAE (diffusers FlaxAutoencoderKL) and the weightless pixel autoencoder.
+  latents         latent_stats.json and the section 3.0 normalization (the only place it lives).
+  latent_dataset  the TFDS-format ArrayRecord shards of posterior moments: layout and reading.
+  image_sources   folder / zip / TFDS / MNIST-demo image sources and their preprocessing.
+  encoding        the encode job's library call, `encode_dataset(config)`.
+
+Submodules import their heavy dependencies (diffusers, tfds) lazily, so importing this package
+is cheap.
+"""

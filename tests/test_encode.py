@@ -1,0 +1,346 @@
+"""Tests of the encode job: shards read back, statistics, resume after a kill, two processes,
+broken images, and the compatibility check training runs at start-up."""
+
+import filecmp
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from lct_jax.io import autoencoder as ae_lib
+from lct_jax.io import encode_config, encoding, image_sources
+from lct_jax.io import latent_dataset as ld
+from lct_jax.io import latents as latents_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RES = 16
+TINY_VAE = {
+  "block_out_channels": [8, 16],
+  "down_block_types": ["DownEncoderBlock2D"] * 2,
+  "up_block_types": ["UpDecoderBlock2D"] * 2,
+  "norm_num_groups": 4,
+  "layers_per_block": 1,
+  "latent_channels": 4,
+  "sample_size": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory):
+  model = ae_lib.build_vae_model(TINY_VAE)
+  params = ae_lib.init_random_vae_params(model, seed=7)
+  folder = str(tmp_path_factory.mktemp("vae"))
+  ae_lib.save_vae(folder, model, params)
+  return model, params, folder
+
+
+def _make_images(root, n_square=9, seed=0):
+  """RES x RES RGB PNGs in two class folders, a grayscale JPEG, and a wide RGB image."""
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for i in range(n_square):
+    rel = f"{'cat' if i % 2 else 'dog'}/img_{i:02d}.png"
+    arr = rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)
+    os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
+    Image.fromarray(arr).save(os.path.join(root, rel))
+    arrays[rel] = arr
+  gray = rng.integers(0, 256, (RES, RES), dtype=np.uint8)
+  Image.fromarray(gray).save(os.path.join(root, "gray.png"))
+  arrays["gray.png"] = np.repeat(gray[..., None], 3, axis=-1)
+  wide = np.zeros((RES, RES + 8, 3), np.uint8)  # blue margins of 4 px are cropped away
+  wide[:, :, 2] = 255
+  wide[:, 4:-4] = (200, 10, 30)
+  Image.fromarray(wide).save(os.path.join(root, "wide.png"))
+  arrays["wide.png"] = np.broadcast_to(np.array([200, 10, 30], np.uint8), (RES, RES, 3))
+  return arrays
+
+
+def _config(path, out, autoencoder, **kw):
+  c = encode_config.get_base_config()
+  c.source = "folder"
+  c.path = str(path)
+  c.resolution = RES
+  c.autoencoder = autoencoder
+  c.output_dir = str(out)
+  c.shard_size = 4
+  c.batch_size = 8
+  c.num_workers = 2
+  c.max_bad_fraction = 0.0
+  c.update(kw)
+  return c
+
+
+def _read_all(folder):
+  import tensorflow_datasets as tfds
+
+  source = tfds.builder_from_directory(str(folder)).as_data_source()["train"]
+  return [source[i] for i in range(len(source))]
+
+
+def _reference_moments(model, params, u8):
+  x = jnp.asarray(u8[None].astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
+  dist = model.apply({"params": params}, x, method=model.encode).latent_dist
+  return np.asarray(dist.mean[0]), np.asarray(dist.std[0])
+
+
+def test_encode_folder_and_read_back(vae, tmp_path):
+  model, params, vae_dir = vae
+  arrays = _make_images(tmp_path / "img")
+  out = tmp_path / "out"
+  summary = encoding.encode_dataset(
+    _config(tmp_path / "img", out, vae_dir, flip=True, labels_from_subdirs=True)
+  )
+  assert summary["images_read"] == 11 and summary["dataset"]["shards"] == 3
+  examples = _read_all(out)
+  ids = [ex["id"].decode() for ex in examples]
+  assert ids == sorted(arrays)
+  assert [int(ex["index"]) for ex in examples] == list(range(11))
+  labels = {i: int(ex["label"]) for i, ex in zip(ids, examples)}
+  assert (
+    labels["cat/img_01.png"] == 0 and labels["dog/img_00.png"] == 1 and labels["gray.png"] == -1
+  )
+  for rel, ex in zip(ids, examples):
+    assert ex["mean"].shape == (8, 8, 4) and ex["mean"].dtype == np.float32
+    ref_mean, ref_std = _reference_moments(model, params, arrays[rel])
+    np.testing.assert_allclose(ex["mean"], ref_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ex["std"], ref_std, rtol=1e-4, atol=1e-5)
+    f_mean, f_std = _reference_moments(model, params, arrays[rel][:, ::-1])
+    np.testing.assert_allclose(ex["flipped_mean"], f_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ex["flipped_std"], f_std, rtol=1e-4, atol=1e-5)
+
+  # The training-side source: originals, then flipped copies.
+  src = ld.LatentMomentsSource(str(out), use_flipped=True)
+  assert len(src) == 22
+  np.testing.assert_array_equal(src[11 + 3]["mean"], examples[3]["flipped_mean"])
+  np.testing.assert_array_equal(src[3]["std"], examples[3]["std"])
+
+  means = np.stack([ex["mean"] for ex in examples]).astype(np.float64)
+  flips = np.stack([ex["flipped_mean"] for ex in examples]).astype(np.float64)
+  with open(out / latents_lib.STATS_FILENAME) as f:
+    doc = json.load(f)
+  assert doc["autoencoder"] == os.path.abspath(vae_dir) and doc["resolution"] == RES
+  assert doc["weights_hash"] == ae_lib.params_hash(params)
+  for key, data in (("originals", means), ("with_flipped", np.concatenate([means, flips]))):
+    block = doc[key]
+    assert block["num_latents"] == len(data)
+    np.testing.assert_allclose(block["mean"], data.mean(axis=0), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(block["std"], data.std(axis=0, ddof=1), rtol=1e-10, atol=1e-13)
+    flat = data.reshape(-1, 4)
+    np.testing.assert_allclose(block["channel_mean"], flat.mean(axis=0), rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(block["channel_std"], flat.std(axis=0, ddof=1), rtol=1e-10)
+
+  # Training's start-up check: the same VAE passes, another VAE or resolution is refused.
+  stats = latents_lib.load_latent_stats(str(out))
+  latents_lib.check_compatible(stats, autoencoder=vae_dir, resolution=RES, latent_shape=(8, 8, 4))
+  with pytest.raises(latents_lib.IncompatibleLatentsError, match="data.autoencoder"):
+    latents_lib.check_compatible(stats, autoencoder="stabilityai/sd-vae-ft-ema", resolution=RES)
+  with pytest.raises(latents_lib.IncompatibleLatentsError, match="data.resolution"):
+    latents_lib.check_compatible(stats, autoencoder=vae_dir, resolution=256)
+  # A second run with the same config does nothing; with another config it is refused.
+  assert (
+    encoding.encode_dataset(
+      _config(tmp_path / "img", out, vae_dir, flip=True, labels_from_subdirs=True)
+    )["shards_written"]
+    == 0
+  )
+  with pytest.raises(ValueError, match="resolution"):
+    encoding.encode_dataset(
+      _config(tmp_path / "img", out, vae_dir, flip=True, labels_from_subdirs=True, resolution=8)
+    )
+
+
+def test_normalize_matches_numpy_and_inverts(tmp_path):
+  rng = np.random.default_rng(0)
+  z = rng.normal(3.0, 2.0, (50, 4, 4, 2))
+  acc = latents_lib.MomentAccumulator((4, 4, 2))
+  for part in np.array_split(z, [7, 8, 30]):
+    acc.update(part)
+  stats = latents_lib.LatentStats(
+    **acc.finalize(),
+    includes_flipped=False,
+    autoencoder="pixel",
+    weights_hash="h",
+    resolution=4,
+    scale_factor=1.0,
+  )
+  latents_lib.save_latent_stats(str(tmp_path), stats)
+  stats = latents_lib.load_latent_stats(str(tmp_path))
+  mean, std = z.mean(0), z.std(0, ddof=1)
+  np.testing.assert_allclose(stats.mean, mean, rtol=1e-13)
+  np.testing.assert_allclose(stats.std, std, rtol=1e-12)
+  x = latents_lib.normalize(z, stats, sigma_data=0.5)
+  np.testing.assert_allclose(x, (z - mean) / std * 0.5, rtol=1e-12)
+  np.testing.assert_allclose(latents_lib.denormalize(x, stats, 0.5), z, rtol=1e-12)
+  xj = latents_lib.normalize(jnp.asarray(z, jnp.float32), stats)
+  assert xj.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(xj), (z - mean) / std * 0.5, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="data.use_flipped"):
+    latents_lib.load_latent_stats(str(tmp_path), use_flipped=True)
+
+
+def test_sources_zip_demo_and_preprocessing(tmp_path):
+  arrays = _make_images(tmp_path / "img", n_square=3)
+  with zipfile.ZipFile(tmp_path / "img.zip", "w") as zf:
+    for rel in arrays:
+      zf.write(tmp_path / "img" / rel, rel)
+  folder = image_sources.FolderSource(str(tmp_path / "img"), workers=2)
+  zipped = image_sources.ZipSource(str(tmp_path / "img.zip"), workers=2)
+  assert folder.ids == zipped.ids == sorted(arrays)
+  for a, b in zip(folder.read_range(0, len(folder), RES), zipped.read_range(0, len(zipped), RES)):
+    np.testing.assert_array_equal(a.image, arrays[a.id])  # crop / grayscale->RGB exact
+    np.testing.assert_array_equal(a.image, b.image)
+  big = Image.fromarray(np.full((40, 60, 3), 77, np.uint8))
+  np.testing.assert_array_equal(image_sources.preprocess(big, RES), 77)  # resize keeps constants
+  demo = image_sources.mnist_demo_source()
+  assert len(demo) == 5000
+  (rec,) = list(demo.read_range(4999, 5000, 32))
+  assert rec.id == "mnist/04999" and rec.label == 9 and rec.image.shape == (32, 32, 3)
+  assert (rec.image[:2] == 0).all() and (rec.image[..., 0] == rec.image[..., 2]).all()
+  assert rec.image.max() > 100
+
+
+def test_broken_images_skipped_and_reported(vae, tmp_path):
+  _make_images(tmp_path / "img")
+  good = open(tmp_path / "img" / "gray.png", "rb").read()
+  with open(tmp_path / "img" / "truncated.png", "wb") as f:
+    f.write(good[: len(good) // 2])
+  with open(tmp_path / "img" / "not_an_image.jpg", "w") as f:
+    f.write("hello")
+  with pytest.raises(encoding.TooManyBadImagesError, match="2 of 13"):
+    encoding.encode_dataset(
+      _config(tmp_path / "img", tmp_path / "a", "pixel", max_bad_fraction=0.1)
+    )
+  assert not ld.is_complete(str(tmp_path / "a"))
+  encoding.encode_dataset(_config(tmp_path / "img", tmp_path / "b", "pixel", max_bad_fraction=0.2))
+  with open(tmp_path / "b" / encoding.REPORT_FILENAME) as f:
+    report = json.load(f)
+  assert report["images_skipped"] == 2 and report["examples_written"] == 11
+  assert sorted(s["id"] for s in report["skipped"]) == ["not_an_image.jpg", "truncated.png"]
+  listing = open(tmp_path / "b" / encoding.SKIPPED_FILENAME).read()
+  assert "2 of 13" in listing and "truncated.png" in listing
+  ids = [ex["id"].decode() for ex in _read_all(tmp_path / "b")]
+  assert len(ids) == 11 and "truncated.png" not in ids
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _cmd(path, out, autoencoder, *extra):
+  return [
+    sys.executable,
+    "-m",
+    "lct_jax.encode",
+    f"--config={REPO}/configs/encode/folder.py",
+    f"--config.path={path}",
+    f"--config.output_dir={out}",
+    f"--config.autoencoder={autoencoder}",
+    f"--config.resolution={RES}",
+    "--config.shard_size=2",
+    "--config.batch_size=8",
+    "--config.num_workers=2",
+    "--config.max_bad_fraction=0.0",
+    *extra,
+  ]
+
+
+def _shard_files(folder):
+  return sorted(n for n in os.listdir(folder) if n.startswith(ld.DATASET_NAME))
+
+
+def test_killed_job_resumes_to_same_dataset(vae, tmp_path):
+  _, _, vae_dir = vae
+  _make_images(tmp_path / "img")
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(
+    _cmd(tmp_path / "img", killed, vae_dir, "--config.sleep_after_shard=2"),
+    env=_env(8),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  deadline = time.time() + 120
+  while time.time() < deadline and not (killed.is_dir() and _shard_files(killed)):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert 1 <= len(_shard_files(killed)) < 6 and not ld.is_complete(str(killed))
+  # What a kill during a write leaves: a temporary shard file, never picked up.
+  with open(killed / f".tmp-1-{ld.shard_filename(5, 6)}", "wb") as f:
+    f.write(b"partial")
+  subprocess.run(
+    _cmd(tmp_path / "img", killed, vae_dir), env=_env(8), check=True, capture_output=True
+  )
+  clean = tmp_path / "clean"
+  encoding.encode_dataset(_config(tmp_path / "img", clean, vae_dir, shard_size=2))
+  assert _shard_files(killed) == _shard_files(clean) and len(_shard_files(clean)) == 6
+  assert not [n for n in os.listdir(killed) if n.startswith(".tmp")]
+  for name in _shard_files(clean) + [latents_lib.STATS_FILENAME, "dataset_info.json"]:
+    assert filecmp.cmp(killed / name, clean / name, shallow=False), name
+  for a, b in zip(_read_all(killed), _read_all(clean)):
+    assert a["id"] == b["id"]
+    np.testing.assert_array_equal(a["mean"], b["mean"])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_encode_disjoint_halves(vae, tmp_path):
+  _, _, vae_dir = vae
+  _make_images(tmp_path / "img")
+  out = tmp_path / "multi"
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      _cmd(
+        tmp_path / "img",
+        out,
+        vae_dir,
+        "--config.distributed=True",
+        f"--config.coordinator_address=127.0.0.1:{port}",
+        "--config.num_processes=2",
+        f"--config.process_id={i}",
+        "--config.cpu_collectives=gloo",
+      ),
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=240) for p in procs]
+  for p, (stdout, stderr) in zip(procs, outputs):
+    assert p.returncode == 0, stderr[-3000:]
+  summaries = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+  assert [s["shards_written"] for s in summaries] == [3, 3]
+  assert sum(s["images_read"] for s in summaries) == 11
+  assert "dataset" in summaries[0] and "dataset" not in summaries[1]
+  writers = [ld.read_manifest(str(out), s, 6)["process"] for s in range(6)]
+  assert writers == [0, 1, 0, 1, 0, 1]
+  examples = _read_all(out)
+  assert [ex["id"].decode() for ex in examples] == sorted(
+    os.path.relpath(os.path.join(d, f), tmp_path / "img")
+    for d, _, fs in os.walk(tmp_path / "img")
+    for f in fs
+  )
+  single = tmp_path / "single"
+  encoding.encode_dataset(_config(tmp_path / "img", single, vae_dir, shard_size=2))
+  for a, b in zip(examples, _read_all(single)):
+    assert a["id"] == b["id"]
+    np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-4, atol=2e-5)  # 2 vs 8 devices
