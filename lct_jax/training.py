@@ -1,0 +1,189 @@
+"""The training job's library call: `train_and_evaluate(config, workdir)`.
+
+Owns the loop around the core step: multi-host start-up, the latent dataset (encoded on the fly
+for the demo), restore-or-init, checkpoints with the data-iterator state, clu logs (metrics,
+steps/s, images/s, data-wait time, the config), sample grids, non-finite-loss handling and
+preemption. Metrics leave the device only on logging steps.
+"""
+
+import importlib.util
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import periodic_actions
+
+from lct_jax import config_lib
+from lct_jax.core import mesh as mesh_lib
+from lct_jax.core import sampling
+from lct_jax.io import autoencoder as ae_lib
+from lct_jax.io import checkpoint, encoding, input_pipeline, latent_dataset, latents, summaries
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Runs `get_config()` of a config file given by path (used for data.encode_config)."""
+  spec = importlib.util.spec_from_file_location("_lct_encode_config", path)
+  if spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f"data.encode_config={path!r}: no such config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def ensure_dataset(config: ml_collections.ConfigDict) -> str:
+  """data.dir, encoded first with data.encode_config when it holds no finished dataset."""
+  data_dir = os.path.expanduser(config.data.dir)
+  if not data_dir:
+    raise ValueError("config.data.dir is empty: point it at the encode job's output folder")
+  if latent_dataset.is_complete(data_dir):
+    return data_dir
+  if not config.data.encode_config:
+    raise FileNotFoundError(
+      f"config.data.dir={data_dir!r} holds no finished latent dataset; create it with "
+      "python -m lct_jax.encode --config=configs/encode/<name>.py "
+      f"--config.output_dir={data_dir}"
+    )
+  encode_cfg = load_config_file(config.data.encode_config)
+  encode_cfg.output_dir = data_dir
+  logging.info("Encoding %s into %s first.", config.data.encode_config, data_dir)
+  encoding.encode_dataset(encode_cfg)
+  return data_dir
+
+
+def _scalars(metrics: dict, state) -> dict:
+  out = {k: float(np.asarray(v)) for k, v in metrics.items()}
+  out["nonfinite_steps"] = int(state.nonfinite_steps)
+  return out
+
+
+def write_sample_grid(step, state, sampler, ae, stats, config, mesh, writer, workdir) -> None:
+  """1-step samples from the EMA params, decoded, as a TensorBoard image and a PNG."""
+  n = config.train.num_grid_samples
+  idx = jax.device_put(np.arange(n, dtype=np.int32), mesh_lib.batch_sharding(mesh))
+  x = sampler(state.ema_params, jax.random.PRNGKey(config.eval.seed), idx)
+  x = np.asarray(jax.device_get(jax.experimental.multihost_utils.process_allgather(x, tiled=True)))
+  images = np.asarray(ae.decode(latents.denormalize(x, stats, config.data.sigma_data)))
+  grid = summaries.image_grid(images)
+  writer.write_images(step, {"samples_1step": grid[None]})
+  if jax.process_index() == 0:
+    summaries.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Trains (or resumes) the run in `workdir` up to the config's total steps.
+
+  Raises:
+    config_lib.ConfigError, ValueError, FileNotFoundError: bad config, workdir or data; raised
+      before anything in the workdir is written.
+    NonFiniteLossError: after train.max_consecutive_nonfinite non-finite steps in a row.
+  """
+  m = config.mesh
+  if m.distributed:
+    mesh_lib.initialize_distributed(
+      m.coordinator_address, m.num_processes, m.process_id, m.cpu_collectives
+    )
+  mesh = mesh_lib.make_mesh(m.num_devices)
+  trainer = config_lib.build_trainer(config, mesh)
+  total = config_lib.total_steps(config)
+
+  data_dir = ensure_dataset(config)
+  stats = latents.load_latent_stats(data_dir, use_flipped=config.data.use_flipped)
+  latents.check_compatible(
+    stats, autoencoder=config.data.autoencoder, latent_shape=tuple(config.data.latent_shape)
+  )
+  loader = input_pipeline.make_loader(
+    data_dir,
+    stats,
+    global_batch_size=config.train.global_batch_size,
+    seed=config.seed,
+    sigma_data=config.data.sigma_data,
+    use_flipped=config.data.use_flipped,
+    sample_posterior=config.data.sample_posterior,
+    worker_count=config.data.worker_count,
+  )
+  batches = input_pipeline.GlobalBatches(loader, mesh)
+
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(
+    workdir,
+    every_steps=config.ckpt.every_steps,
+    keep=config.ckpt.keep,
+    keep_every=config.ckpt.keep_every,
+  )
+  try:
+    latest = ckpt.latest_step()
+    summaries.check_workdir(workdir, config, latest is not None)
+    summaries.write_config(workdir, config)
+    writer = summaries.create_writer(workdir)
+    writer.write_hparams({k: str(v) for k, v in summaries.flat_config(config).items()})
+    if latest is not None:
+      logging.info("Resuming from step %d in %s.", latest, ckpt.directory)
+      state = ckpt.restore(latest, trainer.abstract_state(), batches)
+    else:
+      state = trainer.init_state(jax.random.PRNGKey(config.seed))
+    _loop(config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh)
+  finally:
+    ckpt.close()
+
+
+def _loop(config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh) -> None:
+  start = int(jax.device_get(state.step))
+  log_every = max(1, config.train.log_every_steps)
+  sample_every = config.train.sample_every_steps
+  sampler = ae = None
+  if sample_every > 0:
+    sampler = sampling.make_sampler(
+      trainer.model, config_lib.noise_config(config), trainer.example_shape, mesh
+    )
+    try:
+      ae = ae_lib.load_autoencoder(config.data.autoencoder)
+    except ae_lib.AutoencoderLoadError as e:
+      logging.warning("No sample grids: the autoencoder cannot be loaded (%s)", e)
+  report = periodic_actions.ReportProgress(
+    num_train_steps=total, writer=writer, every_steps=log_every
+  )
+  last_t, last_wait, last_step = time.perf_counter(), batches.wait_s, start
+  step = start
+  while step < total:
+    batch = next(batches)
+    state, metrics = trainer.train_step(state, batch)
+    step += 1
+    report(step)
+    if step % log_every == 0 or step == total:
+      scalars = _scalars(jax.device_get(metrics), jax.device_get(state))
+      now = time.perf_counter()
+      elapsed = max(now - last_t, 1e-9)
+      scalars["img_per_s"] = (step - last_step) * config.train.global_batch_size / elapsed
+      scalars["data_wait_s_per_step"] = (batches.wait_s - last_wait) / (step - last_step)
+      scalars["data_wait_fraction"] = (batches.wait_s - last_wait) / elapsed
+      writer.write_scalars(step, scalars)
+      last_t, last_wait, last_step = now, batches.wait_s, step
+      streak = int(jax.device_get(state.nonfinite_streak))
+      if scalars["nonfinite_steps"]:
+        logging.warning(
+          "Non-finite loss or gradient: %d step(s) skipped so far, the last at step %d.",
+          scalars["nonfinite_steps"],
+          int(jax.device_get(state.last_nonfinite_step)),
+        )
+      if streak >= config.train.max_consecutive_nonfinite:
+        writer.flush()
+        raise NonFiniteLossError(
+          f"{streak} consecutive non-finite steps up to step {step - 1} "
+          f"(train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}); "
+          f"last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
+        )
+    if ae is not None and (step % sample_every == 0 or step == total):
+      write_sample_grid(step, state, sampler, ae, stats, config, mesh, writer, workdir)
+    preempted = ckpt.should_stop(step)
+    ckpt.save(step, state, batches, force=preempted or step == total)
+    if preempted:
+      logging.warning("Preemption signal: saved step %d, exiting.", step)
+      break
+  writer.flush()
