@@ -10,27 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from tiny_vae import TINY_VAE, save_tiny_vae
 
 from lct_jax.io import autoencoder as ae_lib
-
-TINY_VAE = {
-  "block_out_channels": [8, 16],
-  "down_block_types": ["DownEncoderBlock2D"] * 2,
-  "up_block_types": ["UpDecoderBlock2D"] * 2,
-  "norm_num_groups": 4,
-  "layers_per_block": 1,
-  "latent_channels": 4,
-  "sample_size": 16,
-}
 
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
   """A random tiny FlaxAutoencoderKL saved by diffusers' own save_pretrained (msgpack)."""
-  model = ae_lib.build_vae_model(TINY_VAE)
-  params = ae_lib.init_random_vae_params(model, seed=3)
   folder = str(tmp_path_factory.mktemp("vae_msgpack"))
-  ae_lib.save_vae(folder, model, params)
+  model, params = save_tiny_vae(folder, seed=3)
   return model, params, folder
 
 

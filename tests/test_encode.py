@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_vae import save_tiny_vae
 
 from lct_jax.io import autoencoder as ae_lib
 from lct_jax.io import encode_config, encoding, image_sources
@@ -23,23 +24,12 @@ from lct_jax.io import latents as latents_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 16
-TINY_VAE = {
-  "block_out_channels": [8, 16],
-  "down_block_types": ["DownEncoderBlock2D"] * 2,
-  "up_block_types": ["UpDecoderBlock2D"] * 2,
-  "norm_num_groups": 4,
-  "layers_per_block": 1,
-  "latent_channels": 4,
-  "sample_size": 16,
-}
 
 
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
-  model = ae_lib.build_vae_model(TINY_VAE)
-  params = ae_lib.init_random_vae_params(model, seed=7)
   folder = str(tmp_path_factory.mktemp("vae"))
-  ae_lib.save_vae(folder, model, params)
+  model, params = save_tiny_vae(folder, seed=7)
   return model, params, folder
 
 
