@@ -84,7 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
   )
   train.log_every_steps = 100
   train.sample_every_steps = 10_000
+  # NonFiniteLossError when, at a logging step, this many steps in a row were non-finite:
   train.max_consecutive_nonfinite = 20
+  train.stop_after_steps = 0  # > 0: save and exit cleanly after this many steps of this invocation
   train.num_grid_samples = 64  # 1-step samples in each logged image grid
 
   # -- checkpoints --------------------------------------------------------------------------------
@@ -99,6 +101,23 @@ def get_config() -> ml_collections.ConfigDict:
   ev.batch_size = 256
   ev.seed = 42
   ev.sigma_mid = (0.821,)  # intermediate sigmas for 2-step sampling (method.md section 6.2)
+  # Reference statistics for FID: the .npz of `python -m lct_jax.tools.fid_stats` (required;
+  # statistics made with other Inception weights or preprocessing are refused).
+  ev.reference_stats = ""
+  # Improved precision/recall (Kynkaenniemi et al., k = pr_k) against real features: an .npz from
+  # `fid_stats --features_out=...` (required when precision_recall is True).
+  ev.precision_recall = True
+  ev.reference_features = ""
+  ev.pr_k = 3
+  ev.pr_features = "inception"  # only "inception"; the paper's StyleGAN2-ADA VGG16 is not ported
+  ev.jpeg = True  # also score after a JPEG quality-75 round trip (the paper's protocol, 9.9)
+  ev.export = ""  # "" | "png" | "npz" (arr_0 uint8 NHWC + indices): also write the samples
+  ev.checkpoint_step = -1  # -1: the newest checkpoint (--follow evaluates every checkpoint)
+  ev.inception_weights = ""  # converted FID Inception .npz; "": $LCT_JAX_FID_WEIGHTS or cache
+  ev.grid_samples = 64  # samples in the PNG grid of each result
+  ev.follow_poll_s = 30.0  # --follow: seconds between looks at the checkpoint folder
+  ev.follow_timeout_s = 6 * 3600.0  # --follow: give up after this long without a new checkpoint
+  ev.pause_after_result_s = 0.0  # test hook: pause after each result JSON (kill tests)
 
   # -- device mesh --------------------------------------------------------------------------------
   config.mesh = mesh = ml_collections.ConfigDict()

@@ -2,8 +2,9 @@
 
 Owns the loop around the core step: multi-host start-up, the latent dataset (encoded on the fly
 for the demo), restore-or-init, checkpoints with the data-iterator state, clu logs (metrics,
-steps/s, images/s, data-wait time, the config), sample grids, non-finite-loss handling and
-preemption. Metrics leave the device only on logging steps.
+steps/s, images/s, data-wait time, the config), sample grids, non-finite-loss handling,
+preemption and a clean stop after train.stop_after_steps. Metrics leave the device only on logging
+steps.
 """
 
 import importlib.util
@@ -57,9 +58,9 @@ def ensure_dataset(config: ml_collections.ConfigDict) -> str:
   return data_dir
 
 
-def _scalars(metrics: dict, state) -> dict:
+def _scalars(metrics: dict, nonfinite_steps) -> dict:
   out = {k: float(np.asarray(v)) for k, v in metrics.items()}
-  out["nonfinite_steps"] = int(state.nonfinite_steps)
+  out["nonfinite_steps"] = int(nonfinite_steps)
   return out
 
 
@@ -106,9 +107,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     sigma_data=config.data.sigma_data,
     use_flipped=config.data.use_flipped,
     sample_posterior=config.data.sample_posterior,
-    worker_count=config.data.worker_count,
   )
-  batches = input_pipeline.GlobalBatches(loader, mesh)
+  batches = input_pipeline.GlobalBatches(loader, mesh, worker_count=config.data.worker_count)
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(
@@ -151,13 +151,16 @@ def _loop(config, workdir, trainer, state, batches, ckpt, writer, stats, total, 
   )
   last_t, last_wait, last_step = time.perf_counter(), batches.wait_s, start
   step = start
-  while step < total:
+  after = config.train.stop_after_steps
+  stop = min(total, start + after) if after > 0 else total
+  preempted = False
+  while step < stop:
     batch = next(batches)
     state, metrics = trainer.train_step(state, batch)
     step += 1
     report(step)
     if step % log_every == 0 or step == total:
-      scalars = _scalars(jax.device_get(metrics), jax.device_get(state))
+      scalars = _scalars(jax.device_get(metrics), jax.device_get(state.nonfinite_steps))
       now = time.perf_counter()
       elapsed = max(now - last_t, 1e-9)
       scalars["img_per_s"] = (step - last_step) * config.train.global_batch_size / elapsed
@@ -166,24 +169,29 @@ def _loop(config, workdir, trainer, state, batches, ckpt, writer, stats, total, 
       writer.write_scalars(step, scalars)
       last_t, last_wait, last_step = now, batches.wait_s, step
       streak = int(jax.device_get(state.nonfinite_streak))
+      # Steps are numbered as the logged metrics and the checkpoints: step n is the n-th update.
       if scalars["nonfinite_steps"]:
         logging.warning(
           "Non-finite loss or gradient: %d step(s) skipped so far, the last at step %d.",
           scalars["nonfinite_steps"],
-          int(jax.device_get(state.last_nonfinite_step)),
+          int(jax.device_get(state.last_nonfinite_step)) + 1,
         )
       if streak >= config.train.max_consecutive_nonfinite:
         writer.flush()
+        # A checkpoint saved during the streak holds a run that had stopped learning.
+        good = [s for s in ckpt.all_steps() if s <= step - streak]
         raise NonFiniteLossError(
-          f"{streak} consecutive non-finite steps up to step {step - 1} "
+          f"{streak} consecutive non-finite steps, {step - streak + 1} to {step} "
           f"(train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}); "
-          f"last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
+          f"last good checkpoint: {f'step {good[-1]}' if good else 'none'} in {ckpt.directory}"
         )
     if ae is not None and (step % sample_every == 0 or step == total):
       write_sample_grid(step, state, sampler, ae, stats, config, mesh, writer, workdir)
     preempted = ckpt.should_stop(step)
-    ckpt.save(step, state, batches, force=preempted or step == total)
+    ckpt.save(step, state, batches, force=preempted or step == stop)
     if preempted:
       logging.warning("Preemption signal: saved step %d, exiting.", step)
       break
+  if not preempted and step == stop < total:
+    logging.info("train.stop_after_steps=%d: saved step %d, exiting.", after, step)
   writer.flush()

@@ -1,4 +1,5 @@
 """The core layer imports no TensorFlow, tfds, diffusers or clu (design.md), checked in a fresh process."""
+
 import subprocess
 import sys
 

@@ -4,8 +4,12 @@ Owns `Checkpointer`: an async `CheckpointManager` in `workdir/checkpoints` keepi
 `ckpt.keep` plus every `ckpt.keep_every`-th step. orbax writes each step under a temporary name and
 renames it when complete, so a process killed during a save leaves nothing that a restore picks up.
 The state restores into abstract arrays that carry the new mesh's shardings, so a run can resume on
-another device count. Preemption (SIGTERM, or orbax's `reached_preemption`) is reported by
-`should_stop` and ends in a final save.
+another device count. Preemption is reported by `should_stop` and ends in a final save: SIGTERM
+caught here in a single process; with several, JAX's preemption service (started by
+jax.distributed.initialize) catches it and orbax's `reached_preemption` stops every process at the
+same step. `CheckpointReader` is the read-only side for the eval job: it never writes, deletes or
+cleans up anything and installs no signal handler, so it can follow a training job that is still
+writing.
 """
 
 import os
@@ -13,6 +17,7 @@ import signal
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -30,7 +35,11 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._sigterm = False
-    self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._previous_handler = None
+    # With several processes a handler here would replace JAX's (the preemption service's): a
+    # process stopping on its own would leave the others waiting in their next collective.
+    if jax.process_count() == 1:
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
@@ -60,11 +69,61 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def should_stop(self, step: int) -> bool:
-    """True once a SIGTERM arrived or orbax reports a preemption for `step`."""
+    """True once a SIGTERM arrived or orbax reports a preemption sync point at `step`.
+
+    Every process must call this at every step (the sync point is agreed on by all of them).
+    """
     return self._sigterm or self.manager.reached_preemption(step)
 
   def close(self) -> None:
     """Waits for pending saves and restores the previous SIGTERM handler."""
     self.manager.wait_until_finished()
     self.manager.close()
-    signal.signal(signal.SIGTERM, self._previous_handler)
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+class CheckpointReader:
+  """Read-only view of `workdir/checkpoints`: lists complete steps, restores parts of the state."""
+
+  def __init__(self, workdir: str):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._manager: ocp.CheckpointManager | None = None
+
+  def _open(self) -> ocp.CheckpointManager | None:
+    if self._manager is None and os.path.isdir(self.directory):
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+    return self._manager
+
+  def all_steps(self) -> list[int]:
+    """Steps of all complete checkpoints on disk now (re-read each call), ascending."""
+    manager = self._open()
+    if manager is None:
+      return []
+    manager.reload()
+    return sorted(manager.all_steps())
+
+  def restore_fields(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
+    """Restores only some fields of the saved TrainState (e.g. {"ema_params": ..., "step": ...}).
+
+    Args:
+      step: a step listed by `all_steps`.
+      abstract: field name -> abstract pytree (jax.ShapeDtypeStruct leaves carrying shardings).
+
+    Returns:
+      field name -> restored arrays, in the shardings of `abstract`.
+    """
+    manager = self._open()
+    if manager is None:
+      raise FileNotFoundError(f"no checkpoints in {self.directory}")
+    item = ocp.args.PyTreeRestore(
+      abstract,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True,
+    )
+    return dict(manager.restore(step, args=ocp.args.Composite(state=item))["state"])
+
+  def close(self) -> None:
+    if self._manager is not None:
+      self._manager.close()

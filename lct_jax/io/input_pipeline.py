@@ -1,15 +1,18 @@
 """The training input pipeline: the encode job's latent shards, read with grain.
 
-Owns: a deterministic, checkpointable grain `DataLoader` over `LatentMomentsSource` (random access,
-a fresh shuffle each epoch, each process reading its own slice), the per-example conversion to the
-normalized training latent of method.md section 3.0 (stored posterior mean, or a fresh draw
-mean + std * eps from grain's per-record RNG), and `GlobalBatches`, which turns each process's
-batch into one global jax.Array and remembers the iterator state of the last batch it handed out,
-so that a checkpoint resumes exactly at the next unseen batch.
+Owns: a deterministic grain `MapDataset` over `LatentMomentsSource` (random access, a fresh shuffle
+each epoch) in which global batch s is positions [s*B, (s+1)*B) of the shuffled stream and process
+p reads only its rows [p*B/P, (p+1)*B/P) of it, so the batches, and their order, do not depend on
+the number of processes or grain workers; the per-example conversion to the normalized training
+latent of method.md section 3.0 (stored posterior mean, or a fresh draw mean + std * eps from
+grain's per-position RNG); and `GlobalBatches`, which turns each process's rows into one global
+jax.Array and counts the batches it handed out, so that a checkpoint (that count) resumes exactly
+at the next unseen batch.
 """
 
+import json
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import grain
 import jax
@@ -45,62 +48,89 @@ def make_loader(
   sigma_data: float = 0.5,
   use_flipped: bool = False,
   sample_posterior: bool = False,
-  worker_count: int = 0,
-) -> grain.DataLoader:
-  """A grain DataLoader of this process's slice of the global batch, forever, reshuffled per epoch.
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.MapDataset:
+  """This process's rows of every global batch: element s holds rows [p*B/P, (p+1)*B/P) of batch s.
+
+  Args:
+    data_dir: the latent dataset (config data.dir).
+    stats: its latent statistics.
+    global_batch_size: B, rows of a global batch over all processes.
+    seed: shuffle (a new permutation each epoch) and posterior-draw seed.
+    sigma_data: target std of the normalized latents.
+    use_flipped: also read the h-flipped copies.
+    sample_posterior: a fresh draw mean + std * eps instead of the mean.
+    process_index: p; defaults to jax.process_index().
+    process_count: P; defaults to jax.process_count().
+
+  Returns:
+    An infinite grain MapDataset of {"x": float32 (B/P, H, W, C)}.
 
   Raises:
-    ValueError: naming data.dir / train.global_batch_size for an empty dataset or a global batch
-      larger than the dataset (nothing could be trained on).
+    ValueError: naming data.dir / train.global_batch_size for an empty dataset, a global batch
+      larger than the dataset, or one the processes cannot split evenly.
   """
-  source = latent_dataset.LatentMomentsSource(data_dir, use_flipped)
-  if len(source) == 0:
+  import tensorflow_datasets as tfds
+
+  # Checked before the source opens: array_record refuses a split without examples obscurely.
+  if tfds.builder_from_directory(data_dir).info.splits[latent_dataset.SPLIT].num_examples == 0:
     raise ValueError(f"data.dir={data_dir!r} holds no examples: re-run the encode job")
+  source = latent_dataset.LatentMomentsSource(data_dir, use_flipped)
   if global_batch_size > len(source):
     raise ValueError(
       f"train.global_batch_size={global_batch_size} exceeds the {len(source)} examples in "
       f"data.dir={data_dir!r}"
     )
-  per_process = global_batch_size // jax.process_count()
-  sampler = grain.samplers.IndexSampler(
-    len(source),
-    shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
-    shuffle=True,
-    num_epochs=None,
-    seed=seed,
-  )
-  return grain.DataLoader(
-    data_source=source,
-    sampler=sampler,
-    operations=[
-      ToTrainingLatent(stats, sigma_data, sample_posterior),
-      grain.transforms.Batch(per_process, drop_remainder=True),
-    ],
-    worker_count=worker_count,
-  )
+  p = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % count:
+    raise ValueError(
+      f"train.global_batch_size={global_batch_size} does not split over {count} processes"
+    )
+  per_process = global_batch_size // count
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)  # epoch e: seed + e
+  ds = ds.random_map(ToTrainingLatent(stats, sigma_data, sample_posterior), seed=seed)
+  ds = ds.batch(per_process, drop_remainder=True)  # chunk j: positions [j*B/P, (j+1)*B/P)
+  return ds[p::count]  # element s: chunk s*P + p
 
 
 class GlobalBatches:
-  """Global, sharded batches from a grain loader, with the state of the last batch handed out.
+  """Global, sharded batches from this process's rows (`make_loader`), resumable by batch count.
 
-  `get_state` / `set_state` follow grain's iterator protocol, so grain's orbax checkpoint handler
-  saves this object: the saved state is that after the last batch the train step consumed.
-  `wait_s` accumulates the host time spent waiting for data.
+  `get_state` / `set_state` follow grain's iterator protocol (JSON bytes), so grain's orbax
+  checkpoint handler saves this object: the state is the number of batches the train step
+  consumed, the same on every process and for any number of workers. `wait_s` accumulates the
+  host time spent waiting for data.
   """
 
-  def __init__(self, loader: grain.DataLoader, mesh: Mesh):
-    self._iter = iter(loader)
+  def __init__(self, local_batches: grain.MapDataset, mesh: Mesh, worker_count: int = 0):
+    self._batches = local_batches
+    self._worker_count = worker_count
     self._sharding = mesh_lib.batch_sharding(mesh)
-    self._state = self._iter.get_state()
+    self._next = 0
+    self._iter = None
     self.wait_s = 0.0
+
+  def _start(self) -> Iterator[dict]:
+    # Threads read a few batches ahead; worker processes each produce whole batches, which grain
+    # interleaves back in order.
+    ds = self._batches[self._next :].to_iter_dataset(
+      grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
+    )
+    if self._worker_count > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
+    return iter(ds)
 
   def __iter__(self) -> Iterator[dict[str, jax.Array]]:
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
     t0 = time.perf_counter()
+    if self._iter is None:
+      self._iter = self._start()
     local = next(self._iter)
-    self._state = self._iter.get_state()
+    self._next += 1
     batch = {
       k: jax.make_array_from_process_local_data(self._sharding, np.asarray(v))
       for k, v in local.items()
@@ -108,14 +138,12 @@ class GlobalBatches:
     self.wait_s += time.perf_counter() - t0
     return batch
 
-  def get_state(self) -> Any:
-    return self._state
+  def get_state(self) -> bytes:
+    return json.dumps({"next_batch": self._next}).encode()
 
-  def set_state(self, state: Any) -> None:
-    self._iter.set_state(state)
-    self._state = state
+  def set_state(self, state: bytes) -> None:
+    self._next = int(json.loads(state)["next_batch"])
+    self._iter = None
 
   def start_prefetch(self) -> None:
-    """Called by grain's checkpoint handler after a restore; grain's own iterator prefetches."""
-    if hasattr(self._iter, "start_prefetch"):
-      self._iter.start_prefetch()
+    """Called by grain's checkpoint handler after a restore; reading starts at the next batch."""

@@ -21,6 +21,7 @@ RESUMABLE_PREFIXES = (
   "train.sample_every_steps",
   "train.max_consecutive",
   "train.microbatches",
+  "train.stop_after_steps",
   "ckpt.",
   "eval.",
   "mesh.",
