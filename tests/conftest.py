@@ -7,6 +7,12 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import sys  # noqa: E402
+
+# torch (installed for the FID reference checks) loads triton, whose native library segfaults in a
+# process that already holds TensorFlow; nothing here needs triton (see lct_jax/io/autoencoder.py).
+sys.modules.setdefault("triton", None)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,6 +59,11 @@ class AutoencoderLoadError(OSError):
 
 
 def _silence_diffusers() -> None:
+  # diffusers imports torch when it is installed (requirements-torch.txt, for the FID checks), and
+  # torch then loads triton, whose native library segfaults once TensorFlow (through clu or tfds)
+  # is in the process. lct_jax needs neither torch nor triton here: hide triton (an ImportError
+  # for torch, which then runs without it) unless something already imported it.
+  sys.modules.setdefault("triton", None)
   import diffusers
 
   diffusers.utils.logging.set_verbosity_error()
