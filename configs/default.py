@@ -114,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.export = ""  # "" | "png" | "npz" (arr_0 uint8 NHWC + indices): also write the samples
   ev.checkpoint_step = -1  # -1: the newest checkpoint (--follow evaluates every checkpoint)
   ev.inception_weights = ""  # converted FID Inception .npz; "": $LCT_JAX_FID_WEIGHTS or cache
-  ev.grid_samples = 64  # samples in the PNG grid of each result
+  ev.grid_samples = 64  # samples in the PNG grid of each result (0: no grid)
   ev.follow_poll_s = 30.0  # --follow: seconds between looks at the checkpoint folder
   ev.follow_timeout_s = 6 * 3600.0  # --follow: give up after this long without a new checkpoint
   ev.pause_after_result_s = 0.0  # test hook: pause after each result JSON (kill tests)

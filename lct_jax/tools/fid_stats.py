@@ -1,17 +1,22 @@
-"""`python -m lct_jax.tools.fid_stats --images=DIR_or_ZIP --out=stats.npz [--weights=...]`.
+"""`python -m lct_jax.tools.fid_stats --images=DIR_or_ZIP --out=stats.npz [--features_out=f.npz]`.
 
 Reference FID statistics of a set of real images: every image under a folder (recursively) or in
-a .zip, decoded with PIL and converted to RGB as pytorch-fid does, in sorted path order; or the
-images of a TFDS dataset already prepared on local disk (`--tfds=name:split`). Images go through
-the Flax FID Inception (`lct_jax.fid.inception`) in fixed-size batches split over the local
-devices; features accumulate into float64 sums (`lct_jax.fid.stats`). The output records the
+a .zip, decoded with PIL and converted to RGB as pytorch-fid does, in sorted path order; the
+images of a TFDS dataset already prepared on local disk (`--tfds=name:split`); or a latent dataset
+of the encode job decoded by its own autoencoder (`--latents=DATA_DIR`: the stored posterior means,
+so with a VAE these are reconstructions, with the `pixel` autoencoders the exact images). Images
+go through the Flax FID Inception (`lct_jax.fid.inception`) in fixed-size batches split over the
+local devices; features accumulate into float64 sums (`lct_jax.fid.stats`). The output records the
 weights hash, the preprocessing, the image size and the number of images, so that the evaluation
 refuses to compare it with statistics made differently.
 
-A latent dataset decoded by its VAE is not yet supported by this tool.
+`--features_out` also keeps every feature vector (float32 (N, 2048), key `features`, same
+metadata) for precision/recall (the eval job's `eval.reference_features`); `--mirror` adds each
+image's horizontal mirror (the StyleGAN2-ADA toolbox's real set for pr50k3_full).
 """
 
 import concurrent.futures
+import hashlib
 import io
 import json
 import os
@@ -24,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from lct_jax.fid import inception, preprocess, stats
+from lct_jax.fid import inception, npz_io, preprocess, stats
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -125,8 +130,83 @@ def _batches(images: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarr
     yield np.stack(batch)
 
 
+def read_latent_images(
+  folder: str,
+  autoencoder: str | None = None,
+  batch_size: int = 64,
+  max_images: int = 0,
+  use_flipped: bool = False,
+) -> Iterator[np.ndarray]:
+  """Images of an encode-job latent dataset: its posterior means decoded by its autoencoder.
+
+  Args:
+    folder: the dataset folder (training's data.dir).
+    autoencoder: name to load; default the one recorded in its latent_stats.json. Its weights
+      hash must match the recorded one.
+    batch_size: latents per decode call (padded: one compile).
+    max_images: stop after this many (0: all).
+    use_flipped: also the stored h-flipped copies (after all originals).
+
+  Yields:
+    uint8 (H, W, 3) images in dataset order.
+  """
+  from lct_jax.io import autoencoder as ae_lib
+  from lct_jax.io import latent_dataset, latents
+
+  recorded = latents.load_latent_stats(folder)
+  ae = ae_lib.load_autoencoder(autoencoder or recorded.autoencoder)
+  latents.check_compatible(recorded, autoencoder=ae)
+  source = latent_dataset.LatentMomentsSource(folder, use_flipped=use_flipped)
+  n = len(source) if max_images <= 0 else min(len(source), max_images)
+  for start in range(0, n, batch_size):
+    z = np.stack([source[i]["mean"] for i in range(start, min(n, start + batch_size))])
+    count = len(z)
+    if count < batch_size:
+      z = np.concatenate([z, np.zeros((batch_size - count, *z.shape[1:]), z.dtype)])
+    yield from np.asarray(ae.decode(z))[:count]
+
+
+def mirrored(images: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+  """Each image followed by its horizontal mirror."""
+  for image in images:
+    yield image
+    yield np.ascontiguousarray(image[:, ::-1])
+
+
+def file_sha256(path: str) -> str:
+  """sha256 of a file's bytes (read in 1 MiB chunks)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def save_features(path: str, features: np.ndarray, meta: stats.StatsMeta) -> None:
+  """Writes reference features (float32 (N, d), key `features`) with their metadata atomically."""
+  if meta.num_images != len(features) or meta.feature_dim != features.shape[1]:
+    raise ValueError(f"meta says {meta.num_images} x {meta.feature_dim}, got {features.shape}")
+  npz_io.save_npz_atomic(
+    path,
+    {"features": np.asarray(features, np.float32)},
+    {"kind": "lct_jax fid features", **meta.to_dict()},
+  )
+
+
+def load_features(path: str) -> tuple[np.ndarray, stats.StatsMeta | None]:
+  """Reads a `save_features` file: (float32 (N, d) features, metadata or None if foreign)."""
+  with np.load(path, allow_pickle=False) as data:
+    if "features" not in data.files:
+      raise ValueError(f"{path} has no 'features' array (write it with fid_stats --features_out)")
+    raw = npz_io.load_meta(data)
+    return np.asarray(data["features"], np.float32), stats.StatsMeta.from_dict(raw) if raw else None
+
+
 def accumulate_statistics(
-  model: inception.FidInception, images: Iterable[np.ndarray], batch_size: int = 64
+  model: inception.FidInception,
+  images: Iterable[np.ndarray],
+  batch_size: int = 64,
+  features_out: list[np.ndarray] | None = None,
 ) -> tuple[stats.FeatureStats, str]:
   """Streams images through the FID Inception into float64 feature sums.
 
@@ -137,6 +217,7 @@ def accumulate_statistics(
     model: loaded weights.
     images: uint8 (H, W, 3) arrays.
     batch_size: images per forward pass.
+    features_out: if given, each batch's float32 features are appended to it.
 
   Returns:
     (statistics, image size "HxW" or "mixed").
@@ -154,7 +235,10 @@ def accumulate_statistics(
     if n < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), np.uint8)])
     x = jax.device_put(batch, sharding) if sharding is not None else batch
-    total.update(np.asarray(model.features(x))[:n])
+    features = np.asarray(model.features(x))[:n]
+    total.update(features)
+    if features_out is not None:
+      features_out.append(features)
   if total.count == 0:
     raise ValueError("no images were read")
   return total, sizes.pop() if len(sizes) == 1 else "mixed"
@@ -166,10 +250,21 @@ def compute_reference_stats(
   source: str,
   weights: str | None = None,
   batch_size: int = 64,
+  features_out: str | None = None,
 ) -> stats.StatsMeta:
-  """Computes and saves (atomically) the statistics of `images`; returns their metadata."""
+  """Computes and saves (atomically) the statistics of `images`; returns their metadata.
+
+  Args:
+    out: destination statistics .npz.
+    images: uint8 (H, W, 3) arrays.
+    source: free-text provenance recorded in the metadata.
+    weights: converted Inception .npz (default path if None).
+    batch_size: images per forward pass.
+    features_out: also write every feature vector there (`save_features`), for precision/recall.
+  """
   model = inception.load_inception(weights)
-  sums, image_size = accumulate_statistics(model, images, batch_size)
+  kept: list[np.ndarray] | None = [] if features_out else None
+  sums, image_size = accumulate_statistics(model, images, batch_size, kept)
   meta = stats.StatsMeta(
     weights_sha256=model.weights_sha256,
     preprocessing=preprocess.PREPROCESSING,
@@ -179,6 +274,8 @@ def compute_reference_stats(
     source=source,
   )
   stats.save_stats(out, sums, meta)
+  if features_out:
+    save_features(features_out, np.concatenate(kept), meta)
   return meta
 
 
@@ -192,8 +289,18 @@ def define_flags() -> None:
   )
   flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for --tfds.")
   flags.DEFINE_string("image_key", "image", "Feature holding the image in --tfds.")
-  flags.DEFINE_string("latents", None, "Latent dataset folder (not yet supported).")
+  flags.DEFINE_string(
+    "latents", None, "Latent dataset folder (the encode job's output), decoded by its autoencoder."
+  )
+  flags.DEFINE_string(
+    "autoencoder", None, "--latents: autoencoder to decode with (default: the recorded one)."
+  )
+  flags.DEFINE_bool("latents_flipped", False, "--latents: also the stored h-flipped copies.")
+  flags.DEFINE_bool("mirror", False, "Add each image's horizontal mirror (2N images).")
   flags.DEFINE_string("out", None, "Output statistics .npz.")
+  flags.DEFINE_string(
+    "features_out", None, "Also write all features (N, 2048) here, for precision/recall."
+  )
   flags.DEFINE_string(
     "weights", None, "Converted FID Inception .npz (default: lct_jax.fid default weights path)."
   )
@@ -207,18 +314,21 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   if sum(bool(v) for v in (f.images, f.tfds, f.latents)) != 1:
     raise app.UsageError("give exactly one of --images, --tfds, --latents")
-  if f.latents:
-    raise app.UsageError(
-      "--latents is not yet supported: decoding a latent dataset needs the run's VAE; decode the "
-      "images to a folder and use --images"
-    )
   if f.images:
     source = os.path.abspath(f.images)
     images = read_images(source, f.max_images)
+  elif f.latents:
+    source = f"latents:{os.path.abspath(f.latents)}" + (" (+flipped)" if f.latents_flipped else "")
+    images = read_latent_images(
+      f.latents, f.autoencoder, f.batch_size, f.max_images, f.latents_flipped
+    )
   else:
     source = f"tfds:{f.tfds}"
     images = read_tfds_images(f.tfds, f.tfds_data_dir, f.image_key, f.max_images)
-  meta = compute_reference_stats(f.out, images, source, f.weights, f.batch_size)
+  if f.mirror:
+    source += " (+mirrored)"
+    images = mirrored(images)
+  meta = compute_reference_stats(f.out, images, source, f.weights, f.batch_size, f.features_out)
   sys.stdout.write(json.dumps({"out": os.path.abspath(f.out), **meta.to_dict()}) + "\n")
 
 

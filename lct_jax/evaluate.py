@@ -1,0 +1,46 @@
+"""The eval binary: `python -m lct_jax.evaluate --config=<training config> --workdir=DIR`.
+
+Scores the newest checkpoint of the run in DIR (or `--config.eval.checkpoint_step=N`), or with
+`--follow` every checkpoint as training writes it, until its final step. Results go to DIR/eval;
+rerunning after a kill skips what is finished. Flags are parsed here and nowhere else; the work is
+`lct_jax.evaluation.evaluate`.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lct_jax import evaluation
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
+_FOLLOW = flags.DEFINE_bool(
+  "follow", False, "Evaluate each new checkpoint as training writes it, until its final step."
+)
+
+
+class _QuietLibraries:
+  """Drops INFO lines of orbax and grain; their warnings still show."""
+
+  def filter(self, record) -> bool:
+    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
+    return record.levelno >= 30 or not noisy
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  results = evaluation.evaluate(_CONFIG.value, _WORKDIR.value, follow=_FOLLOW.value)
+  keys = ("step", "run", "fid_label", "fid", "fid_jpeg_q75", "precision", "recall")
+  for r in results:
+    if r is not None:
+      sys.stdout.write(json.dumps({k: r.get(k) for k in keys}) + "\n")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

