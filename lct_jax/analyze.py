@@ -9,9 +9,9 @@ outer fences Q1 - 3 IQR / Q3 + 3 IQR, outlier counts and rates) of
 * the TD values f(x + sigma_i n, sigma_i) - f(x + sigma_{i+1} n, sigma_{i+1}) of a consistency
   function on the Karras grid of N points (`td_statistics`; the paper shows N = 21).
 
-Restoring f from a training checkpoint needs the training job (issue 4) and is not wired yet:
-pass `checkpoint` and the job stops with a NotImplementedError; call `td_statistics` directly with
-any f(x, sigma) meanwhile.
+With `checkpoint` set to a training workdir, f is the consistency function of that run's EMA
+parameters (newest checkpoint, or `checkpoint_step`), restored read-only, and the TD statistics of
+the first `td_examples` analyzed latents go into the JSON under "td".
 """
 
 from __future__ import annotations
@@ -201,15 +201,48 @@ def plot(panels: list[tuple[str, list[tuple[str, dict[str, Any], np.ndarray]]]],
   plt.close(fig)
 
 
+def denoiser_from_workdir(workdir: str, step: int = -1) -> tuple[Callable, int, Any]:
+  """f(x, sigma) of a training run's EMA parameters, restored read-only from its checkpoints.
+
+  Args:
+    workdir: the training job's --workdir (holds config.json and checkpoints/).
+    step: the checkpoint's step; -1 for the newest.
+
+  Returns:
+    (f, the step restored, the run's config).
+  """
+  import ml_collections
+
+  from lct_jax import config_lib, evaluation
+  from lct_jax.core import karras
+  from lct_jax.core import mesh as mesh_lib
+  from lct_jax.io import checkpoint
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint={workdir!r}: no config.json (not a training workdir)")
+  with open(path) as f:
+    train_config = ml_collections.ConfigDict(json.load(f))
+  reader = checkpoint.CheckpointReader(workdir)
+  steps = reader.all_steps()
+  if not steps or (step >= 0 and step not in steps):
+    raise FileNotFoundError(f"checkpoint={workdir!r}: step {step} not among {steps}")
+  step = steps[-1] if step < 0 else step
+  model = config_lib.build_model(train_config)
+  mesh = mesh_lib.make_mesh(1)
+  params = reader.restore_fields(step, evaluation.abstract_ema(train_config, model, mesh))
+  reader.close()
+  ema = params["ema_params"]
+  noise_cfg = config_lib.noise_config(train_config)
+
+  def net(x_in: jax.Array, labels: jax.Array) -> jax.Array:
+    return model.apply({"params": ema}, x_in, labels, train=False)
+
+  return (lambda x, sigma: karras.consistency_fn(net, x, sigma, noise_cfg)), step, train_config
+
+
 def analyze(config: Any) -> dict[str, Any]:
   """Runs the analysis described by `config` (see configs/analyze/fig1.py); returns the JSON doc."""
-  if config.checkpoint:
-    raise NotImplementedError(
-      "TD statistics from a checkpoint need the training job's checkpoint restore (issue 4, "
-      "`python -m lct_jax.main`), which does not exist yet. Leave `checkpoint` empty, or call "
-      "lct_jax.analyze.td_statistics(denoise_fn, latents, num_scales, key) with your own "
-      "f(x, sigma)."
-    )
   spaces = [("latent", config.latent_dir)] + (
     [("pixel", config.pixel_dir)] if config.pixel_dir else []
   )
@@ -244,6 +277,22 @@ def analyze(config: Any) -> dict[str, Any]:
       name,
       entry["normalized"]["outlier_rate_outer"],
     )
+    if name == "latent":
+      latent_normalized = normalized
+  if config.checkpoint:
+    f, step, train_config = denoiser_from_workdir(config.checkpoint, config.checkpoint_step)
+    if tuple(train_config.data.latent_shape) != tuple(latent_normalized.shape[1:]):
+      raise ValueError(
+        f"checkpoint={config.checkpoint!r} trains latents of shape "
+        f"{tuple(train_config.data.latent_shape)}, latent_dir holds {latent_normalized.shape[1:]}"
+      )
+    td = td_statistics(
+      f,
+      latent_normalized[: config.td_examples],
+      config.num_scales,
+      jax.random.PRNGKey(config.seed),
+    )
+    result["td"] = dict(td, checkpoint=config.checkpoint, step=step)
   out = config.output_dir or os.path.join(config.latent_dir, "analysis")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "outliers.json"), "w") as f:

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lct_jax import analyze
-from lct_jax.io import encode_config, encoding
+from configs import test as test_config
+from lct_jax import analyze, config_lib
+from lct_jax.core import karras
+from lct_jax.core import mesh as mesh_lib
+from lct_jax.io import checkpoint, encode_config, encoding, summaries
+from lct_jax.io import latents as latents_lib
 
 
 def test_box_stats_counts_planted_outliers():
@@ -122,6 +126,40 @@ def test_fig1_job_writes_json_and_plot(tmp_path):
   norm = doc["spaces"]["pixel"]["normalized"]
   z = (values - values.mean(0)) / values.std(0, ddof=1) * 0.5
   assert norm["median"] == pytest.approx(np.median(z), rel=1e-6, abs=1e-9)
-  config.checkpoint = "/some/ckpt"
-  with pytest.raises(NotImplementedError, match="issue 4"):
+  config.checkpoint = str(tmp_path / "no_run")
+  with pytest.raises(FileNotFoundError, match="config.json"):
     analyze.analyze(config)
+
+  # TD statistics of a (briefly trained) run's EMA params, restored from its checkpoint, equal
+  # those of the consistency function built here directly from the same params.
+  train_config = test_config.get_config()
+  train_config.data.latent_shape = (4, 4, 12)
+  train_config.data.autoencoder = "pixel:2"
+  trainer = config_lib.build_trainer(train_config, mesh_lib.make_mesh(1))
+  state = trainer.init_state(jax.random.PRNGKey(0))
+  batch = np.random.default_rng(1).normal(0, 0.5, (16, 4, 4, 12)).astype(np.float32)
+  for _ in range(2):
+    state, _ = trainer.train_step(state, {"x": batch})
+  run = str(tmp_path / "run")
+  ckpt = checkpoint.Checkpointer(run, every_steps=1, keep=1, keep_every=0)
+  ckpt.save(2, state, None, force=True)
+  ckpt.close()
+  summaries.write_config(run, train_config)
+  config.update(checkpoint=run, num_scales=5, td_examples=4)
+  doc = analyze.analyze(config)["td"]
+  assert doc["step"] == 2 and len(doc["per_interval"]) == 4
+  ema = jax.device_get(state.ema_params)
+  noise_cfg = config_lib.noise_config(train_config)
+
+  def f(x, sigma):
+    net = lambda a, b: trainer.model.apply({"params": ema}, a, b, train=False)  # noqa: E731
+    return karras.consistency_fn(net, x, sigma, noise_cfg)
+
+  stats = latents_lib.load_latent_stats(dirs["latent"])
+  raw, _ = analyze.load_values(dirs["latent"], np.arange(4))
+  x = latents_lib.normalize(raw.astype(np.float64), stats, 0.5)
+  want = analyze.td_statistics(f, x, 5, jax.random.PRNGKey(config.seed))
+  for got, ref in zip(doc["per_interval"], want["per_interval"]):
+    for k in ("q1", "median", "q3", "std"):
+      assert got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-6), k
+  assert np.abs(want["all"]["std"]) > 0

@@ -1,4 +1,4 @@
-"""The paper's Fig. 1: outliers of latent vs pixel values (and, later, of TD values).
+"""The paper's Fig. 1: outliers of latent vs pixel values, and of TD values given a checkpoint.
 
 Encode the same images twice, once with the VAE and once with the pixel autoencoder, e.g.
 
@@ -14,7 +14,8 @@ Keys:
   max_examples  evenly spaced examples to analyze (-1 = all; pixel data is 48x larger)
   use_flipped   normalize with the statistics over originals + flips
   sigma_data    target std of the normalization (0.5)
-  checkpoint    training checkpoint for TD statistics (needs the training job; not wired yet)
+  checkpoint    a training workdir: TD statistics of its EMA consistency function ("" = none)
+  checkpoint_step  which checkpoint (-1 = newest)
   num_scales    N of the Karras grid for TD statistics (paper: 21)
   td_examples   latents used for the TD statistics
   seed          noise seed of the TD statistics
@@ -35,6 +36,7 @@ def get_config():
   c.use_flipped = False
   c.sigma_data = 0.5
   c.checkpoint = ""
+  c.checkpoint_step = -1
   c.num_scales = 21
   c.td_examples = 256
   c.seed = 0
