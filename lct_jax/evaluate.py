@@ -9,10 +9,11 @@ rerunning after a kill skips what is finished. Flags are parsed here and nowhere
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from lct_jax import evaluation
+from lct_jax.io import job_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
@@ -21,19 +22,10 @@ _FOLLOW = flags.DEFINE_bool(
 )
 
 
-class _QuietLibraries:
-  """Drops INFO lines of orbax and grain; their warnings still show."""
-
-  def filter(self, record) -> bool:
-    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
-    return record.levelno >= 30 or not noisy
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  job_logging.set_up()
   results = evaluation.evaluate(_CONFIG.value, _WORKDIR.value, follow=_FOLLOW.value)
   keys = ("step", "run", "fid_label", "fid", "fid_jpeg_q75", "precision", "recall")
   for r in results:

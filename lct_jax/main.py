@@ -4,28 +4,20 @@ Rerunning the same command resumes from the newest checkpoint in DIR. Flags are 
 nowhere else; the work is `lct_jax.training.train_and_evaluate`.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from lct_jax import training
+from lct_jax.io import job_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 
 
-class _QuietLibraries:
-  """Drops INFO lines of orbax and grain (tens per checkpoint); their warnings still show."""
-
-  def filter(self, record) -> bool:
-    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
-    return record.levelno >= 30 or not noisy
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  job_logging.set_up()
   training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
