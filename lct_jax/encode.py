@@ -8,24 +8,13 @@ the same command on every host.
 
 import json
 
-import jax
 from absl import app, logging
 from ml_collections import config_flags
 
+from lct_jax.core import mesh as mesh_lib
 from lct_jax.io import encoding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Encode config file.", lock_config=True)
-
-
-def initialize_distributed(config) -> None:
-  """jax.distributed.initialize from the config (never at import)."""
-  if config.cpu_collectives:
-    jax.config.update("jax_cpu_collectives_implementation", config.cpu_collectives)
-  jax.distributed.initialize(
-    coordinator_address=config.coordinator_address or None,
-    num_processes=None if config.num_processes < 0 else config.num_processes,
-    process_id=None if config.process_id < 0 else config.process_id,
-  )
 
 
 def main(argv: list[str]) -> None:
@@ -35,7 +24,9 @@ def main(argv: list[str]) -> None:
   if config is None:
     raise app.UsageError("--config=configs/encode/<name>.py is required")
   if config.distributed:
-    initialize_distributed(config)
+    mesh_lib.initialize_distributed(
+      config.coordinator_address, config.num_processes, config.process_id, config.cpu_collectives
+    )
   summary = encoding.encode_dataset(config)
   logging.info(
     "process %d: read %d images, skipped %d, wrote %d shards (%.1f MB serialized) in %.1f s (%.1f images/s)",
