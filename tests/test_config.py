@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from test_unet import count_dhariwal_params
 
 from configs import ablation, celebahq, default, ffhq, ilct, lsun_church
 from configs import test as test_config
@@ -115,4 +116,6 @@ def test_schedule_tool_reports_bad_config():
 
 def test_model_summary_tool_counts_the_paper_network():
   out = run_tool("lct_jax.tools.model_summary", "--config=configs/ffhq.py")
-  assert "Total parameters: 151,456,772" in out
+  # The closed-form count of EDM's DhariwalUNet, written independently in test_unet.py.
+  want = count_dhariwal_params(32, 4, 4, 128, (1, 2, 3, 4), 4, (16, 8), final_norm="nsln")
+  assert f"Total parameters: {want:,}" in out
