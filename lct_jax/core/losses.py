@@ -72,8 +72,12 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   Under jit over a sharded batch the two sums are global, so this is the mean over the masked
   samples of the whole batch, not an average of per-device means.
   """
-  total = jnp.sum(jnp.where(mask, values, 0.0))
-  return total / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+  return masked_sum(values, mask) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+
+def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """sum over masked samples; NaN or inf outside the mask does not leak in."""
+  return jnp.sum(jnp.where(mask, values, 0.0))
 
 
 def diffusion_terms(student: jax.Array, x0: jax.Array, weight: jax.Array) -> jax.Array:

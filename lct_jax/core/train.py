@@ -188,7 +188,7 @@ def make_train_step(
         terms = losses.diffusion_terms(
           student, mb["x"], curriculum.diffusion_weight(mb["sigma"], cfg)
         )
-        diff = diff_scale * jnp.sum(jnp.where(mb["mask"], terms, 0.0))
+        diff = diff_scale * losses.masked_sum(terms, mb["mask"])
       return ct + cfg.diffusion_weight * diff, (ct, diff)
 
     per_sample = dict(x=x, noise=noise, sigma=sigma, sigma_next=sigma_next, mask=mask)
