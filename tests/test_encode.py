@@ -18,7 +18,7 @@ from PIL import Image
 from tiny_vae import save_tiny_vae
 
 from lct_jax.io import autoencoder as ae_lib
-from lct_jax.io import encode_config, encoding, image_sources
+from lct_jax.io import encode_config, encoding, image_sources, input_pipeline
 from lct_jax.io import latent_dataset as ld
 from lct_jax.io import latents as latents_lib
 
@@ -82,6 +82,41 @@ def _reference_moments(model, params, u8):
   return np.asarray(dist.mean[0]), np.asarray(dist.std[0])
 
 
+def _check_posterior_draws(folder, src):
+  """data.sample_posterior: x = normalize(mean + std * eps) with eps ~ N(0, 1), fresh each epoch,
+  the same for any process count."""
+  stats = latents_lib.load_latent_stats(folder, use_flipped=True)
+  kw = dict(global_batch_size=22, seed=3, use_flipped=True)  # one batch per epoch
+  post = input_pipeline.make_loader(folder, stats, sample_posterior=True, **kw)
+  plain = input_pipeline.make_loader(folder, stats, sample_posterior=False, **kw)
+  halves = [
+    input_pipeline.make_loader(
+      folder, stats, sample_posterior=True, process_index=p, process_count=2, **kw
+    )
+    for p in range(2)
+  ]
+  moments = src.read_moments(range(len(src)), with_std=True)
+  means = moments["mean"].astype(np.float64)
+  eff_std = np.maximum(stats.std, stats.std_floor)
+  eps = []  # per epoch: (22, H, W, C) draws, rows in example order
+  for s in range(2):  # epochs 0 and 1
+    np.testing.assert_array_equal(np.concatenate([h[s]["x"] for h in halves]), post[s]["x"])
+    x_mean = np.asarray(plain[s]["x"], np.float64)
+    x_post = np.asarray(post[s]["x"], np.float64)
+    z_mean = x_mean / 0.5 * eff_std + stats.mean
+    # Which example each row is (examples with equal means, e.g. a symmetric image and its
+    # flipped copy, are interchangeable here).
+    ids = ((z_mean[:, None] - means[None]) ** 2).sum(axis=(2, 3, 4)).argmin(axis=1)
+    np.testing.assert_allclose(z_mean, means[ids], rtol=0, atol=1e-5)
+    z_post = x_post / 0.5 * eff_std + stats.mean
+    rows = np.argsort(ids, kind="stable")
+    eps.append(((z_post - means[ids]) / moments["std"][ids])[rows])
+  draws = np.stack(eps)
+  assert abs(draws.mean()) < 0.05 and abs(draws.std() - 1.0) < 0.05  # 5,632 draws
+  # Each epoch draws afresh: the two draws of an example are uncorrelated.
+  assert abs(np.corrcoef(draws[0].ravel(), draws[1].ravel())[0, 1]) < 0.1
+
+
 def test_encode_folder_and_read_back(vae, tmp_path):
   model, params, vae_dir = vae
   arrays = _make_images(tmp_path / "img")
@@ -112,6 +147,16 @@ def test_encode_folder_and_read_back(vae, tmp_path):
   assert len(src) == 22
   np.testing.assert_array_equal(src[11 + 3]["mean"], examples[3]["flipped_mean"])
   np.testing.assert_array_equal(src[3]["std"], examples[3]["std"])
+  # The training pipeline's batched reader parses the records itself: it must agree with TFDS's
+  # decoding of every field it returns, originals and flipped copies alike.
+  order = [14, 3, 21, 0, 11, 3]
+  got = src.read_moments(order, with_std=True)
+  for row, i in enumerate(order):
+    np.testing.assert_array_equal(got["mean"][row], src[i]["mean"])
+    np.testing.assert_array_equal(got["std"][row], src[i]["std"])
+  assert set(src.read_moments(order, with_std=False)) == {"mean"}
+
+  _check_posterior_draws(str(out), src)
 
   means = np.stack([ex["mean"] for ex in examples]).astype(np.float64)
   flips = np.stack([ex["flipped_mean"] for ex in examples]).astype(np.float64)

@@ -1,16 +1,19 @@
 """The training input pipeline: the encode job's latent shards, read with grain.
 
-Owns: a deterministic grain `MapDataset` over `LatentMomentsSource` (random access, a fresh shuffle
-each epoch) in which global batch s is positions [s*B, (s+1)*B) of the shuffled stream and process
-p reads only its rows [p*B/P, (p+1)*B/P) of it, so the batches, and their order, do not depend on
-the number of processes or grain workers; the per-example conversion to the normalized training
-latent of method.md section 3.0 (stored posterior mean, or a fresh draw mean + std * eps from
-grain's per-position RNG); and `GlobalBatches`, which turns each process's rows into one global
-jax.Array and counts the batches it handed out, so that a checkpoint (that count) resumes exactly
+Owns: a deterministic grain `MapDataset` over the shuffled examples (a fresh order each epoch)
+in which global batch s is positions [s*B, (s+1)*B) of the shuffled stream and process p reads
+only its rows [p*B/P, (p+1)*B/P) of it, so the batches, and their order, do not depend on the
+number of processes or grain workers; the batched read and vectorized conversion to the
+normalized training latent of method.md section 3.0 (stored posterior mean, or a fresh draw
+mean + std * eps seeded by the row's global position); and `GlobalBatches`, which turns each
+process's rows into one global jax.Array and counts the batches it handed out, so that a checkpoint (that count) resumes exactly
 at the next unseen batch.
 """
 
+import functools
 import json
+import os
+import sys
 import time
 from typing import Iterator
 
@@ -23,20 +26,65 @@ from lct_jax.core import mesh as mesh_lib
 from lct_jax.io import latent_dataset, latents
 
 
-class ToTrainingLatent(grain.transforms.RandomMap):
-  """{mean, std, ...} -> {"x": normalized latent}; a posterior draw when `sample_posterior`."""
+class ReadTrainingBatch(grain.transforms.MapWithIndex):
+  """Element s of this process -> {"x": the normalized training latents of its rows}.
 
-  def __init__(self, stats: latents.LatentStats, sigma_data: float, sample_posterior: bool):
+  The stream is the dataset's examples in a fresh random order each epoch (epoch e: the
+  permutation of a generator seeded by (seed, e)), epochs back to back; element s of process p
+  is chunk j = s*P + p of B/P consecutive positions. The rows are read in one batched call and
+  normalized in one vectorized pass. With `sample_posterior`, the row at global position q
+  becomes mean + std * eps with eps from a generator seeded by (seed, q): the same draw for any
+  number of processes or workers, and a fresh one for every position of every epoch.
+  """
+
+  def __init__(
+    self,
+    source: latent_dataset.LatentMomentsSource,
+    stats: latents.LatentStats,
+    *,
+    rows: int,
+    sigma_data: float,
+    sample_posterior: bool,
+    seed: int,
+    process_index: int,
+    process_count: int,
+  ):
+    self.source = source
     self.stats = stats
+    self.rows = rows
     self.sigma_data = sigma_data
     self.sample_posterior = sample_posterior
+    self.seed = seed
+    self.process_index = process_index
+    self.process_count = process_count
 
-  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    z = np.asarray(element["mean"], np.float32)
+  @functools.lru_cache(maxsize=4)  # a batch spans at most two epochs; prefetch threads share it
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the dataset's examples."""
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+
+  def positions(self, s: int) -> np.ndarray:
+    """Global stream positions of the rows of this process's element s."""
+    first = (s * self.process_count + self.process_index) * self.rows
+    return np.arange(first, first + self.rows, dtype=np.int64)
+
+  def map_with_index(self, s: int, element) -> dict:
+    del element  # the element is its own index; everything follows from s
+    q = self.positions(s)
+    epochs, offsets = np.divmod(q, len(self.source))
+    indices = np.empty_like(q)
+    for e in np.unique(epochs):
+      at = epochs == e
+      indices[at] = self.epoch_order(int(e))[offsets[at]]
+    m = self.source.read_moments(indices, with_std=self.sample_posterior)
+    z = m["mean"]
     if self.sample_posterior:
-      z = z + np.asarray(element["std"], np.float32) * rng.standard_normal(z.shape, np.float32)
-    x = latents.normalize(z, self.stats, self.sigma_data)
-    return {"x": np.asarray(x, np.float32)}
+      shape = z.shape[1:]
+      eps = np.stack(
+        [np.random.default_rng([self.seed, g]).standard_normal(shape, np.float32) for g in q]
+      )
+      z = z + m["std"] * eps
+    return {"x": np.asarray(latents.normalize(z, self.stats, self.sigma_data), np.float32)}
 
 
 def make_loader(
@@ -88,11 +136,19 @@ def make_loader(
     raise ValueError(
       f"train.global_batch_size={global_batch_size} does not split over {count} processes"
     )
-  per_process = global_batch_size // count
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)  # epoch e: seed + e
-  ds = ds.random_map(ToTrainingLatent(stats, sigma_data, sample_posterior), seed=seed)
-  ds = ds.batch(per_process, drop_remainder=True)  # chunk j: positions [j*B/P, (j+1)*B/P)
-  return ds[p::count]  # element s: chunk s*P + p
+  read = ReadTrainingBatch(
+    source,
+    stats,
+    rows=global_batch_size // count,
+    sigma_data=sigma_data,
+    sample_posterior=sample_posterior,
+    seed=seed,
+    process_index=p,
+    process_count=count,
+  )
+  # An endless stream of element numbers s; the transform turns each into its rows.
+  ds = grain.MapDataset.range(sys.maxsize)
+  return ds.map_with_index(read)
 
 
 class GlobalBatches:
@@ -114,9 +170,12 @@ class GlobalBatches:
 
   def _start(self) -> Iterator[dict]:
     # Threads read a few batches ahead; worker processes each produce whole batches, which grain
-    # interleaves back in order.
+    # interleaves back in order. Reading holds the GIL for much of a batch, so threads beyond half
+    # the cores slow it down: on 2 cores 1 thread gave 255 batches/s, 4 threads 158
+    # (benchmarks/NOTES.md).
+    threads = max(1, min(4, (os.cpu_count() or 2) // 2))
     ds = self._batches[self._next :].to_iter_dataset(
-      grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4)
     )
     if self._worker_count > 0:
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
