@@ -191,6 +191,9 @@ class Trainer:
   train_step: Callable
   mesh: Mesh
   example_shape: tuple[int, int, int]
+  # ot.method=exact, ot.scope=global: the step's cost matrix, for the host-side coupling that the
+  # training loop solves one step ahead (input_pipeline.HostCoupledBatches); None otherwise.
+  coupling_cost: Callable | None = None
 
   def init_state(self, key: jax.Array) -> train.TrainState:
     """A fresh train state, created directly into its sharding."""
@@ -217,4 +220,8 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     mesh,
     microbatches=config.train.microbatches,
   )
-  return Trainer(model, tx, schedule, step, mesh, example_shape(config))
+  ot_cfg = ot_config(config)
+  cost = None
+  if ot_cfg.method == "exact" and ot_cfg.scope == "global":
+    cost = train.make_coupling_cost(ot_cfg, mesh)
+  return Trainer(model, tx, schedule, step, mesh, example_shape(config), cost)

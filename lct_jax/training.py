@@ -128,9 +128,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
       state = ckpt.restore(latest, trainer.abstract_state(), batches)
     else:
       state = trainer.init_state(jax.random.PRNGKey(config.seed))
+    if trainer.coupling_cost is not None:
+      batches = input_pipeline.HostCoupledBatches(batches, trainer.coupling_cost, state.key, mesh)
     _loop(config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh)
   finally:
     ckpt.close()
+    if isinstance(batches, input_pipeline.HostCoupledBatches):
+      batches.close()
 
 
 def _loop(config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh) -> None:

@@ -15,6 +15,7 @@ from configs import test as test_config
 from lct_jax import config_lib
 from lct_jax.core import karras, sampling, train
 from lct_jax.core import mesh as mesh_lib
+from lct_jax.io import input_pipeline
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +80,49 @@ def test_same_loss_on_one_and_eight_devices():
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), s1.params, s8.params
   )
+
+
+class _ArrayBatches:
+  """GlobalBatches' protocol (next_batch, wait_s, get/set_state) over fixed global batches."""
+
+  def __init__(self, arrays, mesh):
+    self.arrays, self.mesh, self.next_batch, self.wait_s = arrays, mesh, 0, 0.0
+
+  def __next__(self):
+    self.next_batch += 1
+    return {"x": put(self.arrays[self.next_batch - 1], self.mesh)}
+
+  def set_state(self, state):
+    self.next_batch = json.loads(state)["next_batch"]
+
+
+def test_host_coupling_one_step_ahead_equals_the_in_step_coupling():
+  config = test_config.get_config()
+  config.ot.scope = "global"  # method "exact": scipy on the host
+  data = [dataset(config, 16, seed=s) for s in range(6)]  # 5 steps + the last read-ahead
+  mesh, _, state, step = build(config, 8)
+  trainer = _compiled(config.to_json(), 8)[0]
+  for x in data[:5]:
+    state, _ = step(state, {"x": put(x, mesh)})
+  in_step = jax.device_get(state)
+
+  _, _, state, _ = build(config, 8)
+  inner = _ArrayBatches(data, mesh)
+  coupled = input_pipeline.HostCoupledBatches(inner, trainer.coupling_cost, state.key, mesh)
+  perms = []
+  for n in range(5):
+    batch = next(coupled)
+    # One batch read ahead, but the saved position is the batches handed to the step.
+    assert json.loads(coupled.get_state()) == {"next_batch": n + 1}
+    assert inner.next_batch == n + 2
+    perms.append(np.asarray(batch["ot_perm"]))
+    state, _ = step(state, batch)
+    if n == 1:  # a restore in the middle: the read-ahead batch is dropped and read again
+      coupled.set_state(coupled.get_state())
+  coupled.close()
+  assert all(sorted(p) == list(range(16)) for p in perms)
+  assert any(not np.array_equal(p, np.arange(16)) for p in perms)  # the coupling did something
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), in_step)
 
 
 def test_microbatches_give_the_global_batch_update():

@@ -9,6 +9,8 @@ the compiled step lands in the session's compilation cache and later runs skip t
 Every job process compiles at XLA optimization level 0 (half the compile time; the same for all).
 """
 
+import collections
+import dataclasses
 import io
 import json
 import os
@@ -17,12 +19,14 @@ import shutil
 import signal
 import socket
 
+import jax
 import numpy as np
 import pytest
 import training_helpers as th
+from jax._src import array, dispatch
 from PIL import Image
 
-from lct_jax import training
+from lct_jax import config_lib, training
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.io import checkpoint, encode_config, encoding, input_pipeline, latents
 from lct_jax.io import latent_dataset as ld
@@ -167,6 +171,75 @@ def test_batches_ignore_process_count_and_resume_exactly(dataset):
     np.testing.assert_array_equal(np.asarray(next(it)["x"]), want)
     np.testing.assert_array_equal(np.asarray(next(resumed)["x"]), want)
   assert json.loads(resumed.get_state()) == {"next_batch": 8}
+
+
+# -- host syncs and compiles of the loop (in process) -----------------------------------------------
+
+
+def test_loop_compiles_once_and_reads_the_device_only_on_logging_steps(base, tmp_path, monkeypatch):
+  """Counts, per step of the real training loop, the jax traces and compiles of the step function
+  and every read of a device array on the host (jax.Array -> numpy / Python scalar): the step is
+  traced and compiled during the first step only, across three curriculum stages, and the arrays
+  are read only after logging steps (and for the final checkpoint)."""
+  config = th.load_config(
+    dict(
+      base,
+      **{
+        "train.total_steps": 12,  # s0=2, s1=8: N = 3, 5, 9 over the run
+        "train.log_every_steps": 4,
+        "ckpt.every_steps": 1000,  # only the final save
+        "mesh.num_devices": 4,
+      },
+    )
+  )
+  step_no = [0]  # which step of the loop is running: reads and compiles are tagged with it
+  compiles, reads = [], collections.Counter()
+
+  def on_duration(event, duration, **kw):
+    del duration
+    if event in (dispatch.JAXPR_TRACE_EVENT, dispatch.BACKEND_COMPILE_EVENT):
+      if "step_fn" in str(kw.get("fun_name", "")):
+        compiles.append((event, step_no[0]))
+
+  value, to_numpy = array.ArrayImpl._value, array.ArrayImpl.__array__
+
+  def counted_value(self):
+    reads[step_no[0]] += 1
+    return value.fget(self)
+
+  def counted_to_numpy(self, *args, **kwargs):
+    reads[step_no[0]] += 1
+    return to_numpy(self, *args, **kwargs)
+
+  build = config_lib.build_trainer
+
+  def build_counted(cfg, mesh):
+    trainer = build(cfg, mesh)
+
+    def train_step(state, batch):
+      step_no[0] += 1
+      return trainer.train_step(state, batch)
+
+    return dataclasses.replace(trainer, train_step=train_step)
+
+  monkeypatch.setattr(training.config_lib, "build_trainer", build_counted)
+  monkeypatch.setattr(array.ArrayImpl, "_value", property(counted_value))
+  monkeypatch.setattr(array.ArrayImpl, "__array__", counted_to_numpy)
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  try:
+    training.train_and_evaluate(config, str(tmp_path / "work"))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+  assert step_no[0] == 12
+  # Traced and compiled once, inside the first step's call.
+  assert {tag for _, tag in compiles} == {1}, compiles
+  assert sum(e == dispatch.JAXPR_TRACE_EVENT for e, _ in compiles) == 1, compiles
+  # The counter sees the logging fetches (so it can fail), and nothing else.
+  assert all(reads[k] > 0 for k in (4, 8, 12)), reads
+  assert {k for k in reads if k > 0} == {4, 8, 12}, reads
+  # The run crossed three curriculum stages (method.md 3.2; logged N of steps 3, 7, 11).
+  logged = _read_events(str(tmp_path / "work"))["num_scales"]
+  assert {k: int(v) for k, v in logged.items()} == {4: 3, 8: 5, 12: 9}
 
 
 # -- resume ----------------------------------------------------------------------------------------

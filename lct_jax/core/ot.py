@@ -101,8 +101,12 @@ def _assignment_cost(x: jax.Array, noise: jax.Array) -> jax.Array:
   return c - jnp.min(c, axis=1, keepdims=True)
 
 
-def _lsa_host(cost: np.ndarray) -> np.ndarray:
-  """Host side of ``exact``: loops over any leading (vmapped) dimensions."""
+def exact_assignment_host(cost: np.ndarray) -> np.ndarray:
+  """Host side of ``exact`` (scipy): one permutation per (B, B) matrix of ``cost`` (..., B, B).
+
+  Also what the training loop calls from a host thread for the one-step-ahead global coupling
+  (``lct_jax.io.input_pipeline.HostCoupledBatches``). A non-finite matrix gives the identity.
+  """
   cost = np.asarray(cost, dtype=np.float64)
   b = cost.shape[-1]
   flat = cost.reshape((-1, b, b))
@@ -119,7 +123,7 @@ def _lsa_host(cost: np.ndarray) -> np.ndarray:
 def _exact_perm(cost: jax.Array) -> jax.Array:
   shape = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
   # expand_dims: under vmap the callback receives the whole stacked batch once (one host call).
-  return jax.pure_callback(_lsa_host, shape, cost, vmap_method="expand_dims")
+  return jax.pure_callback(exact_assignment_host, shape, cost, vmap_method="expand_dims")
 
 
 def _hungarian_perm(cost: jax.Array) -> jax.Array:
@@ -194,8 +198,8 @@ def sample_permutation(log_plan: jax.Array, key: jax.Array) -> jax.Array:
   return perm
 
 
-def _method_cost(x: jax.Array, noise: jax.Array, config: OTConfig) -> jax.Array:
-  """The (B, B) matrix the configured solver works on."""
+def method_cost(x: jax.Array, noise: jax.Array, config: OTConfig) -> jax.Array:
+  """The (B, B) matrix the configured solver works on (``exact``: ``_assignment_cost``)."""
   if x.shape[0] != noise.shape[0]:
     raise ValueError(f"x and noise batch sizes differ: {x.shape[0]} vs {noise.shape[0]}")
   if config.method == "sinkhorn":
@@ -230,7 +234,7 @@ def assignment(x: jax.Array, noise: jax.Array, key: jax.Array, *, config: OTConf
   """
   if config.method == "none":
     return jnp.arange(x.shape[0], dtype=jnp.int32)
-  return _perm_from_cost(_method_cost(x, noise, config), key, config)
+  return _perm_from_cost(method_cost(x, noise, config), key, config)
 
 
 def _couple_unsharded(x: jax.Array, noise: jax.Array, key: jax.Array, config: OTConfig):
@@ -275,9 +279,7 @@ def couple(
     # runs the same deterministic solve (for "exact": the same scipy call on its host). Left to
     # the partitioner, the solver loops would be sharded with a collective per iteration (5x
     # slower for Sinkhorn at B = 64 on 8 CPU devices), and a lone callback would sit on device 0.
-    cost = jax.lax.with_sharding_constraint(
-      _method_cost(x, noise, config), NamedSharding(mesh, P())
-    )
+    cost = jax.lax.with_sharding_constraint(method_cost(x, noise, config), NamedSharding(mesh, P()))
     solve = lambda c, k: _perm_from_cost(c, k, config)  # noqa: E731
     perm = jax.shard_map(solve, mesh=mesh, in_specs=(P(), P()), out_specs=P(), check_vma=False)(
       cost, key

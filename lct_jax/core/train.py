@@ -119,6 +119,49 @@ def _state_initializer(model, tx, example_shape) -> Callable[[jax.Array], TrainS
   return init
 
 
+def _step_noise(key: jax.Array, step: jax.Array, shape, data_sharding) -> tuple[jax.Array, tuple]:
+  """The uncoupled noise of step `step` and the step's other keys (index, OT, dropout).
+
+  All randomness of a step comes from fold_in(key, step), so the noise can also be drawn outside
+  the step (`make_coupling_cost`) and is the same there.
+  """
+  k_noise, k_index, k_ot, k_dropout = jax.random.split(jax.random.fold_in(key, step), 4)
+  noise = jax.random.normal(k_noise, shape, jnp.float32)
+  return jax.lax.with_sharding_constraint(noise, data_sharding), (k_index, k_ot, k_dropout)
+
+
+def make_coupling_cost(
+  ot_cfg: ot.OTConfig, mesh: Mesh
+) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+  """`cost(key, step, x)`: the (B, B) matrix that step `step` couples its noise by, replicated.
+
+  For solving the global exact coupling on the host a step ahead, while the device runs the
+  previous step: `ot.exact_assignment_host(cost)` is the permutation the train step would find
+  itself (same noise, same cost); pass it as `batch["ot_perm"]`.
+
+  Args:
+    ot_cfg: the OT settings (method "exact", scope "global").
+    mesh: the device mesh.
+
+  Returns:
+    A jitted function of the state's key, the step number (int32 scalar) and the batch latents
+    `x` (B, H, W, C), sharded along B.
+  """
+  if ot_cfg.method != "exact" or ot_cfg.scope != "global":
+    raise ValueError(f"host-side coupling is for ot.method=exact, ot.scope=global; got {ot_cfg}")
+  data_sharding = mesh_lib.batch_sharding(mesh)
+  replicated = mesh_lib.replicated(mesh)
+
+  def cost(key, step, x):
+    x = x.astype(jnp.float32)
+    noise, _ = _step_noise(key, step, x.shape, data_sharding)
+    return jax.lax.with_sharding_constraint(ot.method_cost(x, noise, ot_cfg), replicated)
+
+  return jax.jit(
+    cost, in_shardings=(replicated, replicated, data_sharding), out_shardings=replicated
+  )
+
+
 def make_train_step(
   model: nn.Module,
   tx: optax.GradientTransformation,
@@ -135,7 +178,9 @@ def make_train_step(
   the noise, its OT coupling, the intervals and the diffusion mask were drawn for the whole global
   batch: the update is the global batch's, at a fraction of the activation memory.
 
-  `batch["x"]` holds normalized latents (B, H, W, C), sharded along B over the "data" axis. The
+  `batch["x"]` holds normalized latents (B, H, W, C), sharded along B over the "data" axis; an
+  optional `batch["ot_perm"]` (B,) int32 is the noise's coupling solved outside the step (see
+  `make_coupling_cost`), which the step then applies instead of solving it. The
   teacher is the same params under stop_gradient, with the student's dropout key. A step whose loss
   or gradient is not finite leaves params, EMA and optimizer state unchanged and is counted in
   `state.nonfinite_steps`; the step counter advances either way. Metrics stay on the device.
@@ -153,15 +198,16 @@ def make_train_step(
   def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     x = batch["x"].astype(jnp.float32)
     batch_size = x.shape[0]
-    step_key = jax.random.fold_in(state.key, state.step)
-    k_noise, k_index, k_ot, k_dropout = jax.random.split(step_key, 4)
+    noise, (k_index, k_ot, k_dropout) = _step_noise(state.key, state.step, x.shape, data_sharding)
 
     n_scales = curriculum.num_scales(state.step, cfg)
     c = curriculum.scale_c(n_scales, cfg)
-    noise = jax.lax.with_sharding_constraint(
-      jax.random.normal(k_noise, x.shape, jnp.float32), data_sharding
-    )
-    noise = ot.couple(x, noise, k_ot, config=ot_cfg, mesh=mesh)
+    if "ot_perm" in batch:  # solved outside the step (make_coupling_cost): only apply it
+      noise = jax.lax.with_sharding_constraint(
+        jnp.take(noise, batch["ot_perm"], axis=0), data_sharding
+      )
+    else:
+      noise = ot.couple(x, noise, k_ot, config=ot_cfg, mesh=mesh)
     i = jax.lax.with_sharding_constraint(
       curriculum.sample_intervals(k_index, n_scales, batch_size, cfg), data_sharding
     )
