@@ -20,7 +20,7 @@ from absl import app, flags
 from flax import traverse_util
 from ml_collections import config_flags
 
-from lct_jax import config_lib, evaluation
+from lct_jax import config_lib, evaluation, scoring
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.fid import inception, stats
 from lct_jax.io import autoencoder as ae_lib
@@ -93,7 +93,7 @@ def main(argv) -> None:
     images = generator(params, np.arange(start, start + batch))
     images.block_until_ready()
     t1 = time.perf_counter()
-    rows = evaluation.local_rows(features_fn(variables, images))
+    rows = scoring.local_rows(features_fn(variables, images))
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, np.concatenate([r for _, r in rows]), images.shape
 

@@ -105,11 +105,19 @@ def get_config() -> ml_collections.ConfigDict:
   # statistics made with other Inception weights or preprocessing are refused).
   ev.reference_stats = ""
   # Improved precision/recall (Kynkaenniemi et al., k = pr_k) against real features: an .npz from
-  # `fid_stats --features_out=...` (required when precision_recall is True).
+  # `fid_stats --features_out=...` (required when precision_recall is True), made by the same
+  # extractor and weights as pr_features (other features are refused).
   ev.precision_recall = True
   ev.reference_features = ""
   ev.pr_k = 3
-  ev.pr_features = "inception"  # only "inception"; the paper's StyleGAN2-ADA VGG16 is not ported
+  # "inception": FID Inception pool3 (2048-d); "vgg16": VGG16 fc2 (4096-d), the paper's
+  # (StyleGAN2-ADA pr50k3), from eval.vgg16_weights; reference features from
+  # `fid_stats --features_out=... --pr_features=vgg16 --vgg16_weights=...`.
+  ev.pr_features = "inception"
+  # Converted VGG16 .npz (`python -m lct_jax.tools.convert_vgg16 --input=vgg16.pt
+  # --output=vgg16.npz`: NVIDIA's vgg16.pt, the paper's, or torchvision's vgg16-397923af.pth);
+  # required when pr_features is "vgg16".
+  ev.vgg16_weights = ""
   ev.jpeg = True  # also score after a JPEG quality-75 round trip (the paper's protocol, 9.9)
   ev.export = ""  # "" | "png" | "npz" (arr_0 uint8 NHWC + indices): also write the samples
   ev.checkpoint_step = -1  # -1: the newest checkpoint (--follow evaluates every checkpoint)

@@ -9,7 +9,9 @@ and checked against an independent computation from the exported PNGs (features 
 Inception, np.mean / np.cov, the Fréchet distance through an N x N eigenproblem instead of scipy's
 2048 x 2048 sqrtm, brute-force precision/recall); `--follow` then scores checkpoint 2 in a
 subprocess that is killed after its first result and rerun. Inception costs ~6 GFLOP per image
-and each FID's sqrtm 15-40 s on two cores, so only 10 samples and four FIDs are made.
+and each FID's sqrtm 15-40 s on two cores, so only 10 samples and four FIDs are made. The VGG16
+precision/recall features run with random weights (no real VGG16 file exists here) on 6 samples
+and 10 reference images (~15 GFLOP per image).
 """
 
 import glob
@@ -31,9 +33,9 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from lct_jax import config_lib, evaluation
+from lct_jax import config_lib, evaluation, scoring
 from lct_jax.core import mesh as mesh_lib
-from lct_jax.fid import inception
+from lct_jax.fid import inception, stats, vgg
 from lct_jax.io import autoencoder as ae_lib
 from lct_jax.io import checkpoint, encoding, image_sources, latents
 from lct_jax.tools import fid_stats
@@ -258,7 +260,7 @@ def test_jpeg_roundtrip_is_pils_default_jpeg_file(tmp_path):
   for i, image in enumerate(images):  # what the paper's script did: Image.save("x.jpg"), reopen
     Image.fromarray(image).save(tmp_path / f"{i}.jpg")
     want.append(np.asarray(Image.open(tmp_path / f"{i}.jpg").convert("RGB")))
-  got = evaluation.jpeg_roundtrip(images)
+  got = scoring.jpeg_roundtrip(images)
   np.testing.assert_array_equal(got, np.stack(want))
   assert np.abs(got.astype(int) - images).mean() > 1  # lossy: not the identity
 
@@ -429,3 +431,138 @@ def test_follow_gives_up_after_its_deadline(evaluated, tmp_path):
   overrides = {**evaluated["overrides"], "eval.follow_poll_s": 0.05, "eval.follow_timeout_s": 0.5}
   with pytest.raises(TimeoutError, match="eval.follow_timeout_s"):
     evaluation.evaluate(_config(overrides), str(workdir), follow=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision/recall on VGG16 features (random weights, resize mode "tf1").
+
+
+@pytest.fixture(scope="module")
+def vgg_weights(tmp_path_factory) -> str:
+  """A VGG16 .npz in the converter's format, with Flax's random initialisation."""
+  import jax
+
+  variables = jax.jit(vgg.Vgg16().init)(jax.random.key(7), np.zeros((1, 32, 32, 3), np.float32))
+  flat = {k: np.asarray(v) for k, v in inception.flatten_variables(variables).items()}
+  rng = np.random.default_rng(7)  # nonzero biases
+  flat.update({k: rng.normal(0, 0.05, v.shape) for k, v in flat.items() if k.endswith("bias")})
+  path = str(tmp_path_factory.mktemp("vgg") / "vgg16.npz")
+  vgg.save_weights(path, flat, {"resize": "tf1", "source_layout": "random (test)"})
+  return path
+
+
+@pytest.fixture(scope="module")
+def vgg_reference(tmp_path_factory, evaluated, reference, weights_path, vgg_weights) -> dict:
+  """fid_stats with VGG16 features on 10 real images: 3 digits and the evaluated run's samples
+  3..9 (checkpoint 1 draws samples 0..5 again, so neither precision nor recall is 0)."""
+  root = tmp_path_factory.mktemp("vgg_reference")
+  folder = root / "images"
+  os.makedirs(folder)
+  samples = os.path.join(evaluated["workdir"], "eval", "step_00000001", "nfe1_samples")
+  for path in sorted(glob.glob(f"{reference['images']}/*.png"))[:3]:
+    shutil.copy(path, folder / f"digit_{os.path.basename(path)}")
+  for path in sorted(glob.glob(f"{samples}/*.png"))[3:]:
+    shutil.copy(path, folder / f"sample_{os.path.basename(path)}")
+  out = {
+    "images": str(folder),
+    "stats": str(root / "ref.npz"),
+    "features": str(root / "ref_vgg_features.npz"),
+  }
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lct_jax.tools.fid_stats",
+      f"--images={folder}",
+      f"--out={out['stats']}",
+      f"--features_out={out['features']}",
+      "--pr_features=vgg16",
+      f"--vgg16_weights={vgg_weights}",
+      f"--weights={weights_path}",
+      "--batch_size=8",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    env=_env(),
+  )
+  return out
+
+
+def test_vgg16_features_need_the_weights_key(tmp_path):
+  config = _config({**TRAIN, "eval.reference_stats": "x", "eval.reference_features": "y"})
+  config.eval.pr_features = "vgg16"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.vgg16_weights=''") as err:
+    evaluation.evaluate(config, str(tmp_path / "run"))
+  assert "lct_jax.tools.convert_vgg16" in str(err.value)
+  config.eval.pr_features = "vgg19"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.pr_features='vgg19'"):
+    evaluation.evaluate(config, str(tmp_path / "run"))
+
+
+def test_missing_vgg16_weights_give_the_conversion_command(tmp_path, weights_path):
+  missing = str(tmp_path / "nowhere" / "vgg16.npz")
+  overrides = {**TRAIN, "eval.inception_weights": weights_path, "eval.reference_stats": "x"}
+  config = _config({**overrides, "eval.reference_features": "y", "eval.vgg16_weights": missing})
+  config.eval.pr_features = "vgg16"
+  with pytest.raises(inception.WeightsNotFoundError) as err:
+    evaluation.evaluate(config, str(tmp_path / "run"))
+  assert f"python -m lct_jax.tools.convert_vgg16 --input=VGG16_FILE --output={missing}" in str(
+    err.value
+  )
+
+
+@pytest.mark.parametrize("pr_features", ["vgg16", "inception"])
+def test_reference_features_of_the_other_extractor_are_refused(
+  tmp_path, data_dir, reference, vgg_reference, weights_path, vgg_weights, pr_features
+):
+  """VGG16 evaluation with Inception reference features, and Inception with VGG16 ones."""
+  other = {"vgg16": reference, "inception": vgg_reference}[pr_features]
+  overrides = _eval_overrides(data_dir, reference, weights_path, vgg16_weights=vgg_weights)
+  config = _config({**overrides, "eval.reference_features": other["features"]})
+  config.eval.pr_features = pr_features
+  with pytest.raises(stats.IncompatibleStatsError) as err:
+    evaluation.evaluate(config, str(tmp_path / "run"))
+  theirs = "inception" if pr_features == "vgg16" else "vgg16"
+  assert f"holds {theirs} features, but eval.pr_features={pr_features!r}" in str(err.value)
+  assert f"extractor: {theirs!r} vs {pr_features!r}" in str(err.value)
+  assert not os.path.exists(tmp_path / "run" / "eval")  # nothing written
+
+
+def test_evaluate_with_vgg16_precision_recall(
+  trained, data_dir, reference, vgg_reference, weights_path, vgg_weights, tmp_path
+):
+  """Precision/recall on VGG16 features equal brute force on independently computed features."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  ev = dict(num_samples=6, batch_size=6, sigma_mid=(), jpeg=False, export="png", checkpoint_step=1)
+  overrides = _eval_overrides(
+    data_dir, vgg_reference, weights_path, vgg16_weights=vgg_weights, **ev
+  )
+  overrides["mesh.num_devices"] = 1
+  config = _config(overrides)
+  config.eval.pr_features = "vgg16"
+  (result,) = evaluation.evaluate(config, workdir)
+
+  model = vgg.load_vgg16(vgg_weights)
+  real_feats, meta = stats.load_features(vgg_reference["features"])
+  assert (meta.extractor, meta.weights_sha256, meta.feature_dim) == (
+    "vgg16",
+    model.weights_sha256,
+    4096,
+  )
+  assert "resize mode tf1" in meta.preprocessing and meta.num_images == 10
+  assert result["pr_features"] == "vgg16" and result["vgg16_resize"] == "tf1"
+  assert result["vgg16_weights_sha256"] == model.weights_sha256
+  assert result["reference_features_sha256"] == fid_stats.file_sha256(vgg_reference["features"])
+
+  # Independent: VGG16 features of the exported PNGs and of the 10 reference images.
+  samples = _read_pngs(os.path.join(workdir, "eval", "step_00000001", "nfe1_samples"))
+  real_images = _read_pngs(vgg_reference["images"])
+  feats = inception.batched_features(model, np.concatenate([real_images, samples]), 8)
+  real, fake = feats[:10], feats[10:]
+  np.testing.assert_allclose(real_feats, real, rtol=1e-5, atol=1e-5 * np.abs(real).max())
+  precision, recall = _brute_precision_recall(real, fake)
+  assert precision > 0 and 0 < recall < 1  # not a trivial case (the 3 digits are not covered)
+  assert (result["precision"], result["recall"]) == pytest.approx((precision, recall))
+  assert np.isfinite(result["fid"])

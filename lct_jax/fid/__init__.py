@@ -2,10 +2,11 @@
 
   inception          the network and loading its converted weights
   preprocess         pytorch-fid's input pipeline (x/255, torch-exact bilinear resize, 2x-1)
-  stats              streaming float64 feature statistics, their files, the Fréchet distance
+  vgg                VGG16 fc2 features for precision/recall (the paper's), its two resizes
+  stats              streaming float64 feature statistics, feature files, the Fréchet distance
   precision_recall   improved precision and recall (Kynkäänniemi et al. 2019), chunked
   npz_io             atomic .npz/JSON writing with metadata
 
-Nothing here imports torch; `python -m lct_jax.tools.convert_inception` (which does) produces the
-weights file once.
+Nothing here imports torch; `python -m lct_jax.tools.convert_inception` and `convert_vgg16` (which
+do) produce the weights files once.
 """

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lct_jax.fid import npz_io, preprocess
+from lct_jax.fid import npz_io, preprocess, stats
 
+EXTRACTOR = "inception"
 FEATURE_DIM = 2048
 BN_EPSILON = 1e-3
 WEIGHTS_ENV_VAR = "LCT_JAX_FID_WEIGHTS"
@@ -33,7 +34,7 @@ Params = Mapping[str, Any]
 
 
 class WeightsNotFoundError(FileNotFoundError):
-  """The converted FID Inception weights file does not exist."""
+  """A converted weights file (FID Inception, or VGG16 in `vgg`) does not exist."""
 
 
 def default_weights_path() -> str:
@@ -335,6 +336,16 @@ class FidInception:
   weights_sha256: str
   meta: Mapping[str, Any]
 
+  extractor = EXTRACTOR
+  feature_dim = FEATURE_DIM
+  preprocessing = preprocess.PREPROCESSING
+
+  def stats_meta(self, image_size: str = "", num_images: int = 0, source: str = ""):
+    """The provenance statistics or features made by this network record (`stats.StatsMeta`)."""
+    return stats.StatsMeta(
+      self.weights_sha256, preprocess.PREPROCESSING, FEATURE_DIM, image_size, num_images, source
+    )
+
   def apply(self, variables: Any, images: jax.Array) -> jax.Array:
     """Pure function: uint8 NHWC images -> float32 (B, 2048) pool3 features (jit it freely)."""
     return self.module.apply(variables, preprocess.preprocess(images))
@@ -378,9 +389,7 @@ def load_inception(path: str | None = None, precision: str = "highest") -> FidIn
       f"this step) with:\n  {conversion_command(path)}\n"
       f"(or point --weights / ${WEIGHTS_ENV_VAR} at an existing converted .npz)"
     )
-  with np.load(path, allow_pickle=False) as data:
-    flat = {k: np.asarray(data[k], np.float32) for k in data.files if k != npz_io.META_KEY}
-    meta = npz_io.load_meta(data) or {}
+  flat, meta = npz_io.load_float32_npz(path)
   check_variables(flat)
   digest = params_sha256(flat)
   recorded = meta.get("params_sha256")
@@ -391,17 +400,18 @@ def load_inception(path: str | None = None, precision: str = "highest") -> FidIn
 
 
 def batched_features(
-  model: FidInception, images: Sequence[np.ndarray] | np.ndarray, batch_size: int = 64
+  model: Any, images: Sequence[np.ndarray] | np.ndarray, batch_size: int = 64
 ) -> np.ndarray:
   """Features of many same-sized uint8 images, in fixed-size (padded) batches: one compile.
 
   Args:
-    model: a loaded FidInception.
+    model: a loaded FidInception (or `vgg.Vgg16Features`: anything with `features` and
+      `feature_dim`).
     images: uint8 (N, H, W, 3).
     batch_size: images per forward pass.
 
   Returns:
-    float32 numpy (N, 2048).
+    float32 numpy (N, model.feature_dim).
   """
   images = np.asarray(images)
   out = []
@@ -411,4 +421,4 @@ def batched_features(
     if n < batch_size:
       chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), np.uint8)])
     out.append(np.asarray(model.features(chunk))[:n])
-  return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM), np.float32)
+  return np.concatenate(out) if out else np.zeros((0, model.feature_dim), np.float32)

@@ -57,6 +57,13 @@ def load_meta(data: Any) -> dict[str, Any] | None:
   return json.loads(str(data[META_KEY]))
 
 
+def load_float32_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """A weights .npz written by `save_npz_atomic`: its arrays as float32, and its meta ({} if none)."""
+  with np.load(path, allow_pickle=False) as data:
+    flat = {k: np.asarray(data[k], np.float32) for k in data.files if k != META_KEY}
+    return flat, load_meta(data) or {}
+
+
 def save_json_atomic(path: str, obj: Any) -> None:
   """Writes `obj` as indented JSON to `path` atomically."""
   text = json.dumps(obj, indent=2, sort_keys=True) + "\n"

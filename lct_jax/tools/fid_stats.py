@@ -10,9 +10,14 @@ local devices; features accumulate into float64 sums (`lct_jax.fid.stats`). The 
 weights hash, the preprocessing, the image size and the number of images, so that the evaluation
 refuses to compare it with statistics made differently.
 
-`--features_out` also keeps every feature vector (float32 (N, 2048), key `features`, same
-metadata) for precision/recall (the eval job's `eval.reference_features`); `--mirror` adds each
-image's horizontal mirror (the StyleGAN2-ADA toolbox's real set for pr50k3_full).
+`--features_out` also keeps every feature vector (float32 (N, d), key `features`, with the same
+kind of metadata) for precision/recall (the eval job's `eval.reference_features`): Inception's
+2048-d pool3 features, or with `--pr_features=vgg16 --vgg16_weights=vgg16.npz` VGG16's 4096-d fc2
+features (the paper's; `lct_jax.fid.vgg`), computed in the same pass as the Inception statistics.
+The file records the extractor, its weights hash and preprocessing (for VGG16 the resize mode),
+and the eval job refuses features made by another extractor or weights than its own
+`eval.pr_features`. `--mirror` adds each image's horizontal mirror (the StyleGAN2-ADA toolbox's
+real set for pr50k3_full).
 """
 
 import concurrent.futures
@@ -29,8 +34,9 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from lct_jax.fid import inception, npz_io, preprocess, stats
+from lct_jax.fid import inception, stats, vgg
 
+PR_FEATURES = (inception.EXTRACTOR, vgg.EXTRACTOR)
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -182,31 +188,12 @@ def file_sha256(path: str) -> str:
   return h.hexdigest()
 
 
-def save_features(path: str, features: np.ndarray, meta: stats.StatsMeta) -> None:
-  """Writes reference features (float32 (N, d), key `features`) with their metadata atomically."""
-  if meta.num_images != len(features) or meta.feature_dim != features.shape[1]:
-    raise ValueError(f"meta says {meta.num_images} x {meta.feature_dim}, got {features.shape}")
-  npz_io.save_npz_atomic(
-    path,
-    {"features": np.asarray(features, np.float32)},
-    {"kind": "lct_jax fid features", **meta.to_dict()},
-  )
-
-
-def load_features(path: str) -> tuple[np.ndarray, stats.StatsMeta | None]:
-  """Reads a `save_features` file: (float32 (N, d) features, metadata or None if foreign)."""
-  with np.load(path, allow_pickle=False) as data:
-    if "features" not in data.files:
-      raise ValueError(f"{path} has no 'features' array (write it with fid_stats --features_out)")
-    raw = npz_io.load_meta(data)
-    return np.asarray(data["features"], np.float32), stats.StatsMeta.from_dict(raw) if raw else None
-
-
 def accumulate_statistics(
   model: inception.FidInception,
   images: Iterable[np.ndarray],
   batch_size: int = 64,
   features_out: list[np.ndarray] | None = None,
+  pr_model: vgg.Vgg16Features | None = None,
 ) -> tuple[stats.FeatureStats, str]:
   """Streams images through the FID Inception into float64 feature sums.
 
@@ -217,10 +204,12 @@ def accumulate_statistics(
     model: loaded weights.
     images: uint8 (H, W, 3) arrays.
     batch_size: images per forward pass.
-    features_out: if given, each batch's float32 features are appended to it.
+    features_out: if given, each batch's float32 features are appended to it: the Inception
+      features, or `pr_model`'s when given.
+    pr_model: another network (VGG16) whose features go to `features_out`.
 
   Returns:
-    (statistics, image size "HxW" or "mixed").
+    (Inception statistics, image size "HxW" or "mixed").
   """
   devices = jax.local_devices()
   sharding = None
@@ -238,7 +227,7 @@ def accumulate_statistics(
     features = np.asarray(model.features(x))[:n]
     total.update(features)
     if features_out is not None:
-      features_out.append(features)
+      features_out.append(features if pr_model is None else np.asarray(pr_model.features(x))[:n])
   if total.count == 0:
     raise ValueError("no images were read")
   return total, sizes.pop() if len(sizes) == 1 else "mixed"
@@ -251,6 +240,8 @@ def compute_reference_stats(
   weights: str | None = None,
   batch_size: int = 64,
   features_out: str | None = None,
+  pr_features: str = "inception",
+  vgg16_weights: str | None = None,
 ) -> stats.StatsMeta:
   """Computes and saves (atomically) the statistics of `images`; returns their metadata.
 
@@ -260,22 +251,27 @@ def compute_reference_stats(
     source: free-text provenance recorded in the metadata.
     weights: converted Inception .npz (default path if None).
     batch_size: images per forward pass.
-    features_out: also write every feature vector there (`save_features`), for precision/recall.
+    features_out: also write every feature vector there (`stats.save_features`), for
+      precision/recall.
+    pr_features: which network makes the `features_out` vectors: "inception" or "vgg16".
+    vgg16_weights: converted VGG16 .npz (`python -m lct_jax.tools.convert_vgg16`), for "vgg16".
+
+  Returns:
+    The statistics' metadata.
   """
+  if pr_features not in PR_FEATURES:
+    raise ValueError(f"pr_features={pr_features!r}: expected one of {PR_FEATURES}")
+  if pr_features == "vgg16" and not (features_out and vgg16_weights):
+    raise ValueError("pr_features='vgg16' needs features_out and vgg16_weights")
   model = inception.load_inception(weights)
+  pr_model = vgg.load_vgg16(vgg16_weights) if pr_features == "vgg16" else None
   kept: list[np.ndarray] | None = [] if features_out else None
-  sums, image_size = accumulate_statistics(model, images, batch_size, kept)
-  meta = stats.StatsMeta(
-    weights_sha256=model.weights_sha256,
-    preprocessing=preprocess.PREPROCESSING,
-    feature_dim=sums.dim,
-    image_size=image_size,
-    num_images=sums.count,
-    source=source,
-  )
+  sums, image_size = accumulate_statistics(model, images, batch_size, kept, pr_model)
+  meta = model.stats_meta(image_size, sums.count, source)
   stats.save_stats(out, sums, meta)
   if features_out:
-    save_features(features_out, np.concatenate(kept), meta)
+    feats_meta = (pr_model or model).stats_meta(image_size, sums.count, source)
+    stats.save_features(features_out, np.concatenate(kept), feats_meta)
   return meta
 
 
@@ -299,7 +295,17 @@ def define_flags() -> None:
   flags.DEFINE_bool("mirror", False, "Add each image's horizontal mirror (2N images).")
   flags.DEFINE_string("out", None, "Output statistics .npz.")
   flags.DEFINE_string(
-    "features_out", None, "Also write all features (N, 2048) here, for precision/recall."
+    "features_out", None, "Also write all features (N, d) here, for precision/recall."
+  )
+  flags.DEFINE_enum(
+    "pr_features",
+    "inception",
+    list(PR_FEATURES),
+    "Network of the --features_out vectors: Inception pool3 (2048-d) or VGG16 fc2 (4096-d, the "
+    "paper's; needs --vgg16_weights). Match the eval job's eval.pr_features.",
+  )
+  flags.DEFINE_string(
+    "vgg16_weights", None, "--pr_features=vgg16: converted VGG16 .npz (convert_vgg16)."
   )
   flags.DEFINE_string(
     "weights", None, "Converted FID Inception .npz (default: lct_jax.fid default weights path)."
@@ -314,6 +320,8 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   if sum(bool(v) for v in (f.images, f.tfds, f.latents)) != 1:
     raise app.UsageError("give exactly one of --images, --tfds, --latents")
+  if f.pr_features == "vgg16" and not (f.features_out and f.vgg16_weights):
+    raise app.UsageError("--pr_features=vgg16 needs --features_out and --vgg16_weights")
   if f.images:
     source = os.path.abspath(f.images)
     images = read_images(source, f.max_images)
@@ -328,7 +336,16 @@ def main(argv: list[str]) -> None:
   if f.mirror:
     source += " (+mirrored)"
     images = mirrored(images)
-  meta = compute_reference_stats(f.out, images, source, f.weights, f.batch_size, f.features_out)
+  meta = compute_reference_stats(
+    f.out,
+    images,
+    source,
+    f.weights,
+    f.batch_size,
+    f.features_out,
+    f.pr_features,
+    f.vgg16_weights,
+  )
   sys.stdout.write(json.dumps({"out": os.path.abspath(f.out), **meta.to_dict()}) + "\n")
 
 

@@ -1,0 +1,455 @@
+"""Scoring generated images for the eval job: features, FID, precision/recall and the outputs.
+
+Owns what turns a stream of generated uint8 images into a result (method.md section 7): the FID
+Inception features of every batch streamed into float64 sums (no sample set is ever held in
+memory; only the precision/recall features when that is on: Inception's 2048-d, or with
+eval.pr_features="vgg16" VGG16's 4096-d fc2 features, the paper's, computed in the same pass),
+optionally a JPEG-q75 round trip scored beside the lossless images (the paper's protocol), FID
+against eval.reference_stats, improved precision/recall against eval.reference_features (made by
+the same extractor and weights, or refused), and per result the files in
+`workdir/eval/step_XXXXXXXX/`: the JSON (written atomically and last: the done marker), a sample
+grid, clu scalars and the optional export (eval.export: PNGs or a streamed .npz). It knows nothing
+of checkpoints or samplers: `lct_jax.evaluation` hands it an image function per (checkpoint, run).
+Multi-host: every process featurizes the rows on its own devices and the sums are merged with
+`stats.allgather_merge`; process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import json
+import os
+import time
+import zipfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from lct_jax import config_lib
+from lct_jax.core import mesh as mesh_lib
+from lct_jax.fid import inception, npz_io, precision_recall, stats, vgg
+from lct_jax.io import autoencoder as ae_lib
+from lct_jax.io import latents
+from lct_jax.tools import fid_stats
+
+FORMAT = "lct_jax/eval/v1"
+EXPORTS = ("", "png", "npz")
+PR_FEATURES = fid_stats.PR_FEATURES  # ("inception", "vgg16")
+JPEG_QUALITY = 75  # PIL's default, what the paper's `Image.save("x.jpg")` used
+# Result fields that must agree for an existing JSON to count as done for the current settings.
+SETTINGS_KEYS = (
+  "num_samples",
+  "seed",
+  "jpeg",
+  "inception_weights_sha256",
+  "autoencoder_weights_sha256",
+  "reference_stats_sha256",
+  "reference_features_sha256",
+  "pr_k",
+  "pr_features",
+  "vgg16_weights_sha256",
+)
+
+
+def local_rows(x: jax.Array) -> list[tuple[int, np.ndarray]]:
+  """This process's rows of a batch-sharded array: [(first row, rows)], ascending, no duplicates."""
+  rows: dict[int, np.ndarray] = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0
+    if start not in rows:
+      rows[start] = np.asarray(shard.data)
+  return sorted(rows.items())
+
+
+def jpeg_roundtrip(
+  images: np.ndarray, pool: concurrent.futures.Executor | None = None
+) -> np.ndarray:
+  """Each uint8 (H, W, 3) image saved as JPEG quality 75 with PIL (default 4:2:0) and read back."""
+
+  def one(img: np.ndarray) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    buf.seek(0)
+    with Image.open(buf) as decoded:
+      return np.asarray(decoded.convert("RGB"))
+
+  mapped = pool.map(one, images) if pool is not None else map(one, images)
+  return np.stack(list(mapped)) if len(images) else images
+
+
+class NpzStreamWriter:
+  """Writes uint8 images to an .npz (`arr_0` (N, H, W, C), `indices` (N,)) batch by batch.
+
+  `arr_0` is the layout of the guided-diffusion evaluator's sample batches. The archive is
+  streamed (never held in memory) into a temporary file and renamed when complete.
+  """
+
+  def __init__(self, path: str, count: int, image_shape: tuple[int, ...]):
+    self.path, self.count, self.written, self.indices = path, count, 0, []
+    self._tmp = f"{path}.tmp-{os.getpid()}"
+    self._zip = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+    self._member = self._zip.open("arr_0.npy", "w", force_zip64=True)
+    header = {"descr": "|u1", "fortran_order": False, "shape": (count, *image_shape)}
+    np.lib.format.write_array_header_2_0(self._member, header)
+
+  def write(self, images: np.ndarray, indices: np.ndarray) -> None:
+    self._member.write(np.ascontiguousarray(images, np.uint8).tobytes())
+    self.written += len(images)
+    self.indices.extend(int(i) for i in indices)
+
+  def close(self) -> None:
+    if self.written != self.count:
+      raise RuntimeError(f"{self.path}: wrote {self.written} images, header says {self.count}")
+    self._member.close()
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(self.indices, np.int64))
+    self._zip.writestr("indices.npy", buf.getvalue())
+    self._zip.close()
+    os.replace(self._tmp, self.path)
+
+
+class _Exporter:
+  """eval.export: PNGs named by global index, or one streamed .npz per process ("" = nothing)."""
+
+  def __init__(self, kind: str, out_dir: str, run_name: str, n: int, batch: int):
+    self.kind, self.n, self.batch = kind, n, batch
+    self.folder = os.path.join(out_dir, f"{run_name}_samples")
+    p, count = jax.process_index(), jax.process_count()
+    self.npz_path = self.folder + ("" if count == 1 else f".p{p:03d}of{count:03d}") + ".npz"
+    self._npz: NpzStreamWriter | None = None
+
+  def _local_count(self, sharding: jax.sharding.Sharding) -> int:
+    """How many of the n samples land on this process's devices (the npz header needs it)."""
+    shards = sharding.addressable_devices_indices_map((self.batch,)).values()
+    slices = {s[0].start or 0: s[0].stop or self.batch for s in shards}
+    return sum(
+      max(0, min(stop, self.n - start) - off)
+      for start in range(0, self.n, self.batch)
+      for off, stop in slices.items()
+    )
+
+  def write(
+    self, start: int, rows: list[tuple[int, np.ndarray]], valid: dict[int, int], sharding: Any
+  ) -> None:
+    """This process's rows of the batch at `start`; `valid[off]` of the rows at `off` count."""
+    if not self.kind:
+      return
+    if self.kind == "npz" and self._npz is None:
+      os.makedirs(os.path.dirname(self.npz_path), exist_ok=True)
+      shape = rows[0][1].shape[1:]
+      self._npz = NpzStreamWriter(self.npz_path, self._local_count(sharding), shape)
+    for off, images in rows:
+      images = images[: valid[off]]
+      indices = np.arange(start + off, start + off + len(images))
+      if self._npz is not None:
+        self._npz.write(images, indices)
+      elif self.kind == "png":
+        os.makedirs(self.folder, exist_ok=True)
+        for i, image in zip(indices, images):
+          Image.fromarray(image).save(os.path.join(self.folder, f"{i:06d}.png"))
+
+  def close(self) -> None:
+    if self._npz is not None:
+      self._npz.close()
+
+
+def _summaries() -> Any:
+  """lct_jax.io.summaries, imported only after the autoencoder is loaded.
+
+  It imports clu and with it TensorFlow; with torch installed, diffusers (the VAE) imports torch
+  and triton, and triton segfaults when it is imported after TensorFlow (torch 2.14, TF 2.21).
+  """
+  from lct_jax.io import summaries
+
+  return summaries
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring one (checkpoint, run).
+
+# Global sample indices (B,) -> uint8 images (B, H, W, 3) sharded over the mesh's "data" axis.
+GenerateFn = Callable[[np.ndarray], jax.Array]
+
+
+@dataclasses.dataclass
+class Scorer:
+  """What stays fixed across checkpoints: networks, references, provenance, output folder.
+
+  Attributes:
+    pr_model: the precision/recall network when it is not the FID Inception (VGG16), else None.
+  """
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  fid_model: inception.FidInception
+  pr_model: vgg.Vgg16Features | None
+  reference: stats.LoadedStats
+  reference_features: np.ndarray | None
+  provenance: dict[str, Any]
+  writer: Any = None  # clu MetricWriter on workdir/eval, from `open_writer`
+
+  def __post_init__(self):
+    data, repl = mesh_lib.batch_sharding(self.mesh), mesh_lib.replicated(self.mesh)
+    self._nets = {}  # name -> (jitted apply, replicated variables)
+    for name, net in (("fid", self.fid_model), ("pr", self.pr_model)):
+      if net is not None:
+        fn = jax.jit(net.apply, in_shardings=(repl, data), out_shardings=data)
+        self._nets[name] = (fn, jax.device_put(net.variables, repl))
+
+  def _featurize(self, name: str, images: jax.Array) -> list[tuple[int, np.ndarray]]:
+    fn, variables = self._nets[name]
+    return local_rows(fn(variables, images))
+
+  def open_writer(self) -> None:
+    """Creates workdir/eval and its clu writer (TensorFlow: after the autoencoder, see
+    `_summaries`); the set-up calls it once every input has been loaded and checked."""
+    if jax.process_index() == 0:
+      os.makedirs(os.path.join(self.workdir, "eval"), exist_ok=True)
+    from clu import metric_writers
+
+    self.writer = metric_writers.create_default_writer(
+      os.path.join(self.workdir, "eval"), just_logging=jax.process_index() > 0
+    )
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+  def out_dir(self, step: int) -> str:
+    return os.path.join(self.workdir, "eval", f"step_{step:08d}")
+
+  def result_path(self, step: int, name: str) -> str:
+    return os.path.join(self.out_dir(step), f"{name}.json")
+
+  def is_done(self, step: int, name: str) -> bool:
+    """Whether the result exists; one made with other settings is an error, never overwritten."""
+    path = self.result_path(step, name)
+    if not os.path.isfile(path):
+      return False
+    with open(path) as f:
+      old = json.load(f)
+    diffs = [
+      f"{k}: {old.get(k)!r} -> {self.provenance.get(k)!r}"
+      for k in SETTINGS_KEYS
+      if old.get(k) != self.provenance.get(k)
+    ]
+    if diffs:
+      raise ValueError(
+        f"{path} was made with other eval settings ({'; '.join(diffs)}); move workdir/eval "
+        "away or evaluate with the original settings"
+      )
+    return True
+
+  def _stream(
+    self, step: int, name: str, generate: GenerateFn
+  ) -> tuple[dict, dict, np.ndarray | None, str]:
+    """Generates and featurizes eval.num_samples images batch by batch (nothing accumulates).
+
+    Returns:
+      (this process's feature sums per variant, its (indices, features) per variant for
+      precision/recall (padded rows included: equal lengths on every process), the grid images
+      or None, the image size "HxW").
+    """
+    ev = self.config.eval
+    n, batch = ev.num_samples, ev.batch_size
+    variants = ["png"] + (["jpeg_q75"] if ev.jpeg else [])
+    sums = {v: stats.FeatureStats.zeros(inception.FEATURE_DIM) for v in variants}
+    kept = {v: [] for v in variants}
+    grid, grid_n, image_size = [], min(ev.grid_samples, n), ""
+    exporter = _Exporter(ev.export, self.out_dir(step), name, n, batch)
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+      for start in range(0, n, batch):
+        images = generate(np.arange(start, start + batch))
+        image_size = f"{images.shape[1]}x{images.shape[2]}"
+        if start < grid_n:
+          grid.append(np.asarray(multihost_utils.process_allgather(images, tiled=True)))
+        rows = local_rows(images)
+        valid = {off: max(0, min(len(a), n - start - off)) for off, a in rows}
+        batches = {"png": images}
+        if ev.jpeg:
+          jpeg = {off: jpeg_roundtrip(a, pool) for off, a in rows}
+          batches["jpeg_q75"] = jax.make_array_from_callback(
+            images.shape, images.sharding, lambda index: jpeg[index[0].start or 0]
+          )
+        for v in variants:
+          fid_rows = self._featurize("fid", batches[v])
+          for off, f in fid_rows:
+            sums[v].update(f[: valid[off]])
+          if ev.precision_recall:
+            pr_rows = self._featurize("pr", batches[v]) if self.pr_model else fid_rows
+            kept[v] += [(np.arange(start + off, start + off + len(f)), f) for off, f in pr_rows]
+        exporter.write(start, rows, valid, images.sharding)
+    exporter.close()
+    return sums, kept, np.concatenate(grid)[:grid_n] if grid else None, image_size
+
+  def score(
+    self, step: int, name: str, generate: GenerateFn, fields: Mapping[str, Any]
+  ) -> dict[str, Any]:
+    """Generates and scores eval.num_samples images; writes JSON, scalars, grid, export.
+
+    Args:
+      step: the checkpoint's step.
+      name: the result's name ("nfe1", "nfe2_sigma0.821", ...): its files and scalar prefix.
+      generate: global sample indices (eval.batch_size,) -> uint8 images (B, H, W, 3) sharded
+        over the mesh's "data" axis; indices past eval.num_samples pad the last batch.
+      fields: recorded in the result beside the scores (which sampler made the images).
+
+    Returns:
+      The result (also written to `result_path(step, name)` by process 0).
+    """
+    ev, n = self.config.eval, self.config.eval.num_samples
+    t0 = time.perf_counter()
+    sums, kept, grid, image_size = self._stream(step, name, generate)
+    seconds = time.perf_counter() - t0
+    label = stats.fid_label(n)
+    result = dict(self.provenance, step=step, run=name, fid_label=label, **fields)
+    result.update(sampling_seconds=seconds, samples_per_s=n / seconds)
+    scalars = {f"{name}/samples_per_s": n / seconds}
+    for variant, local in sums.items():
+      total = stats.allgather_merge(local)
+      if total.count != n:
+        raise RuntimeError(f"scored {total.count} samples, expected {n}")
+      meta = self.fid_model.stats_meta(image_size, n)
+      generated = stats.LoadedStats(total.mean(), total.cov(), meta, total)
+      metrics = {"fid": stats.fid_between(generated, self.reference)}
+      if ev.precision_recall:
+        metrics.update(self._precision_recall(kept[variant]))
+      suffix = "" if variant == "png" else f"_{variant}"
+      for metric, value in metrics.items():
+        result[f"{metric}{suffix}"] = value
+        scalars[f"{name}/{label if metric == 'fid' else metric}{suffix}"] = value
+    result["total_seconds"] = time.perf_counter() - t0
+    if jax.process_index() == 0:
+      if grid is not None:
+        summaries = _summaries()
+        grid_path = os.path.join(self.out_dir(step), f"{name}_grid.png")
+        summaries.save_png(grid_path, summaries.image_grid(grid))
+      self.writer.write_scalars(step, scalars)
+      self.writer.flush()
+      npz_io.save_json_atomic(self.result_path(step, name), result)  # last: the done marker
+    logging.info("step %d %s: %s", step, name, json.dumps(scalars))
+    return result
+
+  def _precision_recall(self, kept: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    idx = np.concatenate([i for i, _ in kept])
+    feats = np.concatenate([f for _, f in kept])
+    if jax.process_count() > 1:  # equal-length rows per process: every batch splits evenly
+      idx = np.asarray(multihost_utils.process_allgather(idx)).reshape(-1)
+      feats = np.asarray(multihost_utils.process_allgather(feats)).reshape(-1, feats.shape[-1])
+    order = np.argsort(idx, kind="stable")
+    feats = feats[order][idx[order] < self.config.eval.num_samples]
+    return precision_recall.precision_recall(
+      self.reference_features, feats, k=self.config.eval.pr_k
+    )
+
+
+def _check_reference_features(meta: stats.StatsMeta | None, ours: stats.StatsMeta, path: str):
+  """Refuses precision/recall features made by another extractor, weights or preprocessing."""
+  try:
+    stats.check_compatible(meta, ours)
+  except stats.IncompatibleStatsError as e:
+    held = f"holds {meta.extractor} features" if meta else "has no provenance"
+    vgg_flags = " --pr_features=vgg16 --vgg16_weights=..." if ours.extractor == "vgg16" else ""
+    raise stats.IncompatibleStatsError(
+      f"config.eval.reference_features={path!r} {held}, but eval.pr_features={ours.extractor!r} "
+      f"needs {ours.extractor} features of the same weights and preprocessing ({e}); make them "
+      f"with python -m lct_jax.tools.fid_stats ... --features_out=FILE{vgg_flags}"
+    ) from None
+
+
+def build_scorer(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mesh: jax.sharding.Mesh,
+  ae: ae_lib.Autoencoder,
+) -> Scorer:
+  """Loads the networks and the references, checks them against each other, records provenance.
+
+  Args:
+    config: the training config (validated by `evaluation.validate`).
+    workdir: the run's folder (results go to workdir/eval).
+    mesh: devices to score on.
+    ae: the run's autoencoder, for the provenance (load it before this call: see `_summaries`).
+
+  Returns:
+    The scorer; nothing is written until its `open_writer` (so a failing set-up leaves no files).
+
+  Raises:
+    inception.WeightsNotFoundError: no converted Inception (or VGG16) weights; the message gives
+      the conversion command.
+    stats.IncompatibleStatsError: reference statistics/features made by another extractor, other
+      weights or preprocessing.
+    FileNotFoundError: a missing reference file.
+  """
+  ev = config.eval
+  absolute = lambda p: os.path.abspath(os.path.expanduser(p)) if p else None  # noqa: E731
+  weights = absolute(ev.inception_weights)
+  fid_model = inception.load_inception(weights)
+  pr_model, vgg_path = None, None
+  if ev.precision_recall and ev.pr_features == vgg.EXTRACTOR:
+    vgg_path = absolute(ev.vgg16_weights)
+    pr_model = vgg.load_vgg16(vgg_path)
+  ref_path = absolute(ev.reference_stats)
+  if not os.path.isfile(ref_path):
+    raise FileNotFoundError(f"config.eval.reference_stats={ev.reference_stats!r}: no such file")
+  reference = stats.load_stats(ref_path)
+  stats.check_compatible(reference.meta, fid_model.stats_meta())
+  feats, feats_path = None, None
+  if ev.precision_recall:
+    feats_path = absolute(ev.reference_features)
+    if not os.path.isfile(feats_path):
+      raise FileNotFoundError(
+        f"config.eval.reference_features={ev.reference_features!r}: no such file"
+      )
+    feats, feats_meta = stats.load_features(feats_path)
+    ours = (pr_model or fid_model).stats_meta()
+    _check_reference_features(feats_meta, ours, feats_path)
+    if len(feats) <= ev.pr_k:
+      raise config_lib.ConfigError(
+        f"config.eval.reference_features={feats_path!r}: needs more than eval.pr_k={ev.pr_k} images"
+      )
+  devices = jax.devices()
+  provenance = dict(
+    format=FORMAT,
+    workdir=os.path.abspath(workdir),
+    checkpoints=os.path.join(os.path.abspath(workdir), "checkpoints"),
+    num_samples=int(ev.num_samples),
+    seed=int(ev.seed),
+    batch_size=int(ev.batch_size),
+    jpeg=bool(ev.jpeg),
+    jpeg_quality=JPEG_QUALITY if ev.jpeg else None,
+    pr_k=int(ev.pr_k) if ev.precision_recall else None,
+    pr_features=str(ev.pr_features) if ev.precision_recall else None,
+    inception_weights=weights or inception.default_weights_path(),
+    inception_weights_sha256=fid_model.weights_sha256,
+    preprocessing=fid_model.preprocessing,
+    vgg16_weights=vgg_path,
+    vgg16_weights_sha256=pr_model.weights_sha256 if pr_model else None,
+    vgg16_resize=pr_model.resize if pr_model else None,
+    autoencoder=ae.identity,
+    autoencoder_weights_sha256=ae.weights_hash,
+    latent_stats=os.path.abspath(
+      os.path.join(os.path.expanduser(config.data.dir), latents.STATS_FILENAME)
+    ),
+    reference_stats=ref_path,
+    reference_stats_sha256=fid_stats.file_sha256(ref_path),
+    reference_num_images=reference.meta.num_images,
+    reference_source=reference.meta.source,
+    reference_features=feats_path,
+    reference_features_sha256=fid_stats.file_sha256(feats_path) if feats_path else None,
+    reference_features_num_images=int(len(feats)) if feats is not None else None,
+    num_processes=jax.process_count(),
+    num_devices=mesh.size,
+    device_kind=devices[0].device_kind,
+    backend=jax.default_backend(),
+  )
+  return Scorer(config, workdir, mesh, fid_model, pr_model, reference, feats, provenance)

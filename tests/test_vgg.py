@@ -1,0 +1,260 @@
+"""Tests of the VGG16 precision/recall features: lct_jax.fid.vgg and lct_jax.tools.convert_vgg16.
+
+Neither real weights file can be downloaded here, so a torchvision VGG16 with random weights (and
+random biases, so that a lost bias shows) stands in: saved as torchvision's state dict, and laid
+out as NVIDIA's StyleGAN2-ADA TorchScript vgg16.pt (a scripted module whose `layers` hold
+conv1..conv13, fc1..fc3 and LPIPS heads). The Flax network is compared with torchvision's on the
+same normalised input, the two resizes with torch's interpolate and TensorFlow 1's
+resize_bilinear. VGG16 has 138M parameters and costs ~15 GFLOP per 224x224 image, so the model is
+built and converted once per module and only two images go through it.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lct_jax.fid import inception, npz_io, vgg
+from lct_jax.tools import convert_vgg16
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _torch():
+  return pytest.importorskip(
+    "torch", reason="torch is not importable: pip install -r requirements-torch.txt"
+  )
+
+
+@pytest.fixture(scope="module")
+def torch_vgg():
+  """torchvision's VGG16, random weights and biases, eval mode (dropout off)."""
+  torch = _torch()
+  torchvision = pytest.importorskip("torchvision")
+  torch.manual_seed(0)
+  torch.set_num_threads(2)
+  model = torchvision.models.vgg16(weights=None).eval()
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+        module.bias.normal_(0.0, 0.05)
+  return model
+
+
+@pytest.fixture(scope="module")
+def torchvision_file(tmp_path_factory, torch_vgg) -> str:
+  torch = _torch()
+  path = str(tmp_path_factory.mktemp("vgg_src") / "vgg16-random.pth")
+  torch.save(torch_vgg.state_dict(), path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, torchvision_file) -> tuple[str, dict]:
+  out = str(tmp_path_factory.mktemp("vgg_npz") / "vgg16.npz")
+  return out, convert_vgg16.convert(torchvision_file, out)
+
+
+@pytest.fixture(scope="module")
+def flax_vgg(converted) -> vgg.Vgg16Features:
+  return vgg.load_vgg16(converted[0])
+
+
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _check_mapping(npz_path: str, convs: list, fcs: list) -> None:
+  """Every Flax array equals its source tensor: conv (O, I, kh, kw) -> kernel[kh, kw, I, O],
+  linear (out, in) -> kernel[in, out], biases as they are."""
+  with np.load(npz_path) as data:
+    arrays = {k: data[k] for k in data.files if not k.startswith("__")}
+  want = {}
+  for name, module in [(f"conv{i}", m) for i, m in enumerate(convs, 1)] + [
+    ("fc1", fcs[0]),
+    ("fc2", fcs[1]),
+  ]:
+    w = module.weight.detach().numpy()
+    want[f"params/{name}/kernel"] = np.einsum("oihw->hwio" if w.ndim == 4 else "oi->io", w)
+    want[f"params/{name}/bias"] = module.bias.detach().numpy()
+  assert sorted(arrays) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(arrays[key], value, err_msg=key)
+
+
+# ----------------------------------------------------------------------------------------------
+# The converter.
+
+
+def test_converter_maps_torchvision_state_dict(converted, torchvision_file, torch_vgg):
+  out, meta = converted
+  convs = [m for m in torch_vgg.features if m.__class__.__name__ == "Conv2d"]
+  assert len(convs) == 13
+  _check_mapping(out, convs, [torch_vgg.classifier[0], torch_vgg.classifier[3]])
+  assert meta["source_layout"] == "torchvision" and meta["resize"] == "torchvision"
+  assert meta["source_kind"] == "state_dict"
+  assert meta["source_sha256"] == _sha256(torchvision_file)
+  assert meta["dropped_tensors"] == ["classifier.6.bias", "classifier.6.weight"]
+
+
+def _stylegan_layers(model):
+  """NVIDIA's `layers` submodule made of a torchvision VGG16's modules (the same tensors), plus
+  LPIPS' five 1x1 linear heads."""
+  torch = _torch()
+  layers = torch.nn.Module()
+  convs = [m for m in model.features if isinstance(m, torch.nn.Conv2d)]
+  for i, conv in enumerate(convs, 1):
+    setattr(layers, f"conv{i}", conv)
+  for i, j in enumerate((0, 3, 6), 1):
+    setattr(layers, f"fc{i}", model.classifier[j])
+  for i, channels in enumerate((64, 128, 256, 512, 512)):
+    setattr(layers, f"lpips{i}", torch.nn.Conv2d(channels, 1, 1, bias=False))
+  return layers, convs
+
+
+def test_converter_reads_stylegan_torchscript_layout(tmp_path, torch_vgg, converted):
+  torch = _torch()
+
+  class Vgg16StyleGan(torch.nn.Module):
+    def __init__(self, layers):
+      super().__init__()
+      self.layers = layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+      return self.layers.fc3(torch.relu(self.layers.fc2(torch.relu(self.layers.fc1(x)))))
+
+  layers, convs = _stylegan_layers(torch_vgg)
+  scripted = torch.jit.trace(Vgg16StyleGan(layers).eval(), torch.zeros(1, 25088))
+  src = str(tmp_path / "vgg16.pt")
+  scripted.save(src)
+  assert any(k.startswith("layers.lpips4") for k in torch.jit.load(src).state_dict())
+  out = str(tmp_path / "from_pt.npz")
+  subprocess.run(  # the command line, as the README gives it
+    [sys.executable, "-m", "lct_jax.tools.convert_vgg16", f"--input={src}", f"--output={out}"],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+  )
+  _check_mapping(out, convs, [layers.fc1, layers.fc2])
+  with np.load(out) as data:
+    meta = npz_io.load_meta(data)
+  assert meta["source_layout"] == "stylegan2-ada" and meta["resize"] == "tf1"
+  assert meta["source_kind"] == "torchscript" and meta["source_sha256"] == _sha256(src)
+  assert meta["dropped_tensors"] == sorted(
+    ["layers.fc3.weight", "layers.fc3.bias"] + [f"layers.lpips{i}.weight" for i in range(5)]
+  )
+  assert meta["params_sha256"] == converted[1]["params_sha256"]  # the same numbers
+
+
+def test_converter_rejects_an_unknown_layout(tmp_path):
+  torch = _torch()
+  src = str(tmp_path / "not_vgg.pth")
+  torch.save({"conv.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(2)}, src)
+  with pytest.raises(ValueError, match="not a VGG16 file") as err:
+    convert_vgg16.convert(src, str(tmp_path / "out.npz"))
+  assert src in str(err.value) and "conv.weight" in str(err.value)
+  assert not os.path.exists(tmp_path / "out.npz")
+
+
+# ----------------------------------------------------------------------------------------------
+# The network.
+
+
+def _torch_features(model, x_nchw):
+  """torchvision's forward up to classifier[:5] (fc1, ReLU, dropout, fc2, ReLU)."""
+  torch = _torch()
+  with torch.no_grad():
+    pooled = model.avgpool(model.features(x_nchw))
+    return model.classifier[:5](torch.flatten(pooled, 1)).numpy()
+
+
+def _relative_error(got: np.ndarray, ref: np.ndarray) -> float:
+  return float((np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)).max())
+
+
+@pytest.mark.parametrize("hw", [(224, 224), (64, 48)])  # 64x48: a 2x1 map pooled to 7x7
+def test_network_matches_torchvision(flax_vgg, torch_vgg, hw):
+  torch = _torch()
+  x = np.random.default_rng(0).normal(size=(2, 3, *hw)).astype(np.float32)
+  ref = _torch_features(torch_vgg, torch.from_numpy(x))
+  got = np.asarray(flax_vgg.module.apply(flax_vgg.variables, x.transpose(0, 2, 3, 1)))
+  assert got.shape == ref.shape == (2, vgg.FEATURE_DIM)
+  assert (ref > 0).mean() > 0.1 and (ref == 0).any()  # after the ReLU, not degenerate
+  rel = _relative_error(got, ref)
+  print(f"{hw}: relative error {rel:.3g}")
+  assert rel < 1e-4
+
+
+def test_features_of_uint8_images_match_torchvision_pipeline(flax_vgg, torch_vgg):
+  """uint8 -> torch interpolate (bilinear, no antialias) -> /255 -> ImageNet mean/std -> VGG16."""
+  torch = _torch()
+  import torch.nn.functional as F
+
+  images = np.random.default_rng(1).integers(0, 256, size=(2, 40, 56, 3), dtype=np.uint8)
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+  x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=False)
+  mean = torch.tensor(vgg.IMAGENET_MEAN).view(1, 3, 1, 1)
+  std = torch.tensor(vgg.IMAGENET_STD).view(1, 3, 1, 1)
+  ref = _torch_features(torch_vgg, (x / 255 - mean) / std)
+  got = np.asarray(flax_vgg.features(images))
+  assert flax_vgg.resize == "torchvision"
+  assert _relative_error(got, ref) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# The two resizes (on 0..255 floats, as the pipeline runs them).
+
+SIZES = [(16, 16), (37, 500), (300, 260), (224, 224), (225, 223)]  # up, mixed, down, same, +-1
+
+
+def _images(hw: tuple[int, int], seed: int) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, size=(2, *hw, 3)).astype(np.float32)
+
+
+def test_resize_torchvision_equals_torch_interpolate():
+  torch = _torch()
+  import jax
+  import torch.nn.functional as F
+
+  for i, hw in enumerate(SIZES):
+    x = _images(hw, i)
+    ref = F.interpolate(
+      torch.from_numpy(x).permute(0, 3, 1, 2),
+      size=(224, 224),
+      mode="bilinear",
+      align_corners=False,
+      antialias=False,
+    )
+    got = np.asarray(jax.jit(lambda a: vgg.resize(a, "torchvision"))(x))
+    np.testing.assert_allclose(got, ref.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-4)
+
+
+def test_resize_tf1_equals_tensorflow_resize_bilinear():
+  tf = pytest.importorskip("tensorflow")
+  import jax
+
+  for i, hw in enumerate(SIZES):
+    x = _images(hw, i)
+    ref = tf.compat.v1.image.resize_bilinear(
+      x, (224, 224), align_corners=False, half_pixel_centers=False
+    ).numpy()
+    got = np.asarray(jax.jit(lambda a: vgg.resize(a, "tf1"))(x))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4, err_msg=str(hw))
+    if hw != (224, 224):  # the two modes sample different points
+      assert np.abs(got - np.asarray(vgg.resize(x, "torchvision"))).max() > 1
+
+
+def test_missing_weights_give_the_conversion_command(tmp_path):
+  missing = str(tmp_path / "nope" / "vgg16.npz")
+  with pytest.raises(inception.WeightsNotFoundError) as err:
+    vgg.load_vgg16(missing)
+  assert f"python -m lct_jax.tools.convert_vgg16 --input=VGG16_FILE --output={missing}" in str(
+    err.value
+  )
+  assert "vgg16.pt" in str(err.value) and "vgg16-397923af.pth" in str(err.value)
