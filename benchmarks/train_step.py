@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from lct_jax import config_lib
 from lct_jax.core import mesh as mesh_lib
+from lct_jax.io import coupling
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ffhq.py", "Training config.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size.")
@@ -26,6 +27,24 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (the first compiles).")
 _OT = flags.DEFINE_string("ot_method", None, "Override ot.method.")
 _SCOPE = flags.DEFINE_string("ot_scope", None, "Override ot.scope.")
+_MICRO = flags.DEFINE_integer("microbatches", None, "Override train.microbatches.")
+_IN_STEP = flags.DEFINE_bool(
+  "ot_in_step",
+  False,
+  "exact/global OT: solve inside the step (pure_callback) instead of on the host one step ahead "
+  "as the training job does (io.coupling.HostCoupledBatches).",
+)
+
+
+class _SameBatch:
+  """The data-iterator protocol HostCoupledBatches wraps, always yielding one batch."""
+
+  def __init__(self, batch):
+    self.batch, self.next_batch, self.wait_s = batch, 0, 0.0
+
+  def __next__(self):
+    self.next_batch += 1
+    return self.batch
 
 
 def step_flops(lowered) -> float | None:
@@ -50,8 +69,15 @@ def peak_memory_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def run(config, batch_size: int, steps: int, warmup: int) -> dict:
-  """Times the train step of `config` at `batch_size`; returns the result record."""
+def run(config, batch_size: int, steps: int, warmup: int, ot_in_step: bool = False) -> dict:
+  """Times the train step of `config` at `batch_size`; returns the result record.
+
+  With exact/global OT the coupling is solved on the host one step ahead, as in the training job,
+  unless `ot_in_step`; the time per step then includes waiting for it.
+  """
+  # The curriculum of the config's own batch size, whatever batch is timed (a batch larger than a
+  # small config's dataset would otherwise leave no training steps).
+  config.train.total_steps = config_lib.total_steps(config)
   config.train.global_batch_size = batch_size
   mesh = mesh_lib.make_mesh(config.mesh.num_devices)
   trainer = config_lib.build_trainer(config, mesh)
@@ -60,27 +86,35 @@ def run(config, batch_size: int, steps: int, warmup: int) -> dict:
   step = trainer.train_step
   x = np.random.default_rng(0).normal(0, 0.5, (batch_size, *shape)).astype(np.float32)
   batch = {"x": jax.device_put(x, mesh_lib.batch_sharding(mesh))}
+  batches = None
+  if trainer.coupling_cost is not None and not ot_in_step:
+    batches = coupling.HostCoupledBatches(_SameBatch(batch), trainer.coupling_cost, state.key, mesh)
+    batch = next(batches)  # its ot_perm: the step compiled below takes it
   t0 = time.perf_counter()
   lowered = step.lower(state, batch)
   lowered.compile()
   compile_s = time.perf_counter() - t0
   flops = step_flops(lowered)
   for _ in range(warmup):
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch if batches is None else next(batches))
   jax.block_until_ready(metrics)
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch if batches is None else next(batches))
     jax.block_until_ready((state.step, metrics))
     times.append(time.perf_counter() - t0)
+  if batches is not None:
+    batches.close()
   median = statistics.median(times)
   return {
     "benchmark": "train_step",
     "config": config.data.name,
     "batch_size": batch_size,
+    "microbatches": config.train.microbatches,
     "dtype": config.model.dtype,
     "ot": f"{config.ot.method}/{config.ot.scope}",
+    "ot_host_ahead": batches is not None,
     "devices": mesh.size,
     "device_kind": jax.devices()[0].device_kind,
     "backend": jax.default_backend(),
@@ -104,7 +138,9 @@ def main(argv):
     config.ot.method = _OT.value
   if _SCOPE.value:
     config.ot.scope = _SCOPE.value
-  result = run(config, _BATCH.value, _STEPS.value, _WARMUP.value)
+  if _MICRO.value:
+    config.train.microbatches = _MICRO.value
+  result = run(config, _BATCH.value, _STEPS.value, _WARMUP.value, _IN_STEP.value)
   sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -192,7 +192,7 @@ class Trainer:
   mesh: Mesh
   example_shape: tuple[int, int, int]
   # ot.method=exact, ot.scope=global: the step's cost matrix, for the host-side coupling that the
-  # training loop solves one step ahead (input_pipeline.HostCoupledBatches); None otherwise.
+  # training loop solves one step ahead (io.coupling.HostCoupledBatches); None otherwise.
   coupling_cost: Callable | None = None
 
   def init_state(self, key: jax.Array) -> train.TrainState:

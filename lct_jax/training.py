@@ -21,7 +21,15 @@ from lct_jax import config_lib
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.core import sampling
 from lct_jax.io import autoencoder as ae_lib
-from lct_jax.io import checkpoint, encoding, input_pipeline, latent_dataset, latents, summaries
+from lct_jax.io import (
+  checkpoint,
+  coupling,
+  encoding,
+  input_pipeline,
+  latent_dataset,
+  latents,
+  summaries,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -129,11 +137,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     else:
       state = trainer.init_state(jax.random.PRNGKey(config.seed))
     if trainer.coupling_cost is not None:
-      batches = input_pipeline.HostCoupledBatches(batches, trainer.coupling_cost, state.key, mesh)
+      batches = coupling.HostCoupledBatches(batches, trainer.coupling_cost, state.key, mesh)
     _loop(config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh)
   finally:
     ckpt.close()
-    if isinstance(batches, input_pipeline.HostCoupledBatches):
+    if isinstance(batches, coupling.HostCoupledBatches):
       batches.close()
 
 

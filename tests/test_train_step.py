@@ -15,7 +15,7 @@ from configs import test as test_config
 from lct_jax import config_lib
 from lct_jax.core import karras, sampling, train
 from lct_jax.core import mesh as mesh_lib
-from lct_jax.io import input_pipeline
+from lct_jax.io import coupling
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +108,7 @@ def test_host_coupling_one_step_ahead_equals_the_in_step_coupling():
 
   _, _, state, _ = build(config, 8)
   inner = _ArrayBatches(data, mesh)
-  coupled = input_pipeline.HostCoupledBatches(inner, trainer.coupling_cost, state.key, mesh)
+  coupled = coupling.HostCoupledBatches(inner, trainer.coupling_cost, state.key, mesh)
   perms = []
   for n in range(5):
     batch = next(coupled)

@@ -105,7 +105,7 @@ def exact_assignment_host(cost: np.ndarray) -> np.ndarray:
   """Host side of ``exact`` (scipy): one permutation per (B, B) matrix of ``cost`` (..., B, B).
 
   Also what the training loop calls from a host thread for the one-step-ahead global coupling
-  (``lct_jax.io.input_pipeline.HostCoupledBatches``). A non-finite matrix gives the identity.
+  (``lct_jax.io.coupling.HostCoupledBatches``). A non-finite matrix gives the identity.
   """
   cost = np.asarray(cost, dtype=np.float64)
   b = cost.shape[-1]

@@ -6,6 +6,8 @@ Modules:
   latent_dataset  the TFDS-format ArrayRecord shards of posterior moments: layout and reading.
   image_sources   folder / zip / TFDS / MNIST-demo image sources and their preprocessing.
   encoding        the encode job's library call, `encode_dataset(config)`.
+  input_pipeline  the training batches (grain), resumable by batch count.
+  coupling        the global exact OT coupling solved on the host one step ahead.
 
 Submodules import their heavy dependencies (diffusers, tfds) lazily, so importing this package
 is cheap.
