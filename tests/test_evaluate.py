@@ -120,6 +120,15 @@ def data_dir(tmp_path_factory) -> str:
   return cfg.output_dir
 
 
+def _fid_stats(out: dict, weights_path: str, *extra: str) -> dict:
+  """Runs the fid_stats tool on out["images"], writing out["stats"] and out["features"]."""
+  args = [f"--images={out['images']}", f"--out={out['stats']}", f"--features_out={out['features']}"]
+  args += [*extra, f"--weights={weights_path}", "--batch_size=8"]
+  cmd = [sys.executable, "-m", "lct_jax.tools.fid_stats", *args]
+  subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=_env())
+  return out
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, weights_path) -> dict:
   """24 other digits as 16x16 PNGs, and fid_stats' statistics and features of them."""
@@ -134,23 +143,7 @@ def reference(tmp_path_factory, weights_path) -> dict:
     "stats": str(root / "ref.npz"),
     "features": str(root / "ref_features.npz"),
   }
-  subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "lct_jax.tools.fid_stats",
-      f"--images={out['images']}",
-      f"--out={out['stats']}",
-      f"--features_out={out['features']}",
-      f"--weights={weights_path}",
-      "--batch_size=8",
-    ],
-    cwd=REPO,
-    check=True,
-    capture_output=True,
-    env=_env(),
-  )
-  return out
+  return _fid_stats(out, weights_path)
 
 
 @pytest.fixture(scope="module")
@@ -468,25 +461,7 @@ def vgg_reference(tmp_path_factory, evaluated, reference, weights_path, vgg_weig
     "stats": str(root / "ref.npz"),
     "features": str(root / "ref_vgg_features.npz"),
   }
-  subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "lct_jax.tools.fid_stats",
-      f"--images={folder}",
-      f"--out={out['stats']}",
-      f"--features_out={out['features']}",
-      "--pr_features=vgg16",
-      f"--vgg16_weights={vgg_weights}",
-      f"--weights={weights_path}",
-      "--batch_size=8",
-    ],
-    cwd=REPO,
-    check=True,
-    capture_output=True,
-    env=_env(),
-  )
-  return out
+  return _fid_stats(out, weights_path, "--pr_features=vgg16", f"--vgg16_weights={vgg_weights}")
 
 
 def test_vgg16_features_need_the_weights_key(tmp_path):
