@@ -8,7 +8,7 @@ optionally a JPEG-q75 round trip scored beside the lossless images (the paper's 
 against eval.reference_stats, improved precision/recall against eval.reference_features (made by
 the same extractor and weights, or refused), and per result the files in
 `workdir/eval/step_XXXXXXXX/`: the JSON (written atomically and last: the done marker), a sample
-grid, clu scalars and the optional export (eval.export: PNGs or a streamed .npz). It knows nothing
+grid, clu scalars and the optional export (eval.export, lct_jax.image_files). It knows nothing
 of checkpoints or samplers: `lct_jax.evaluation` hands it an image function per (checkpoint, run).
 Multi-host: every process featurizes the rows on its own devices and the sums are merged with
 `stats.allgather_merge`; process 0 writes the files.
@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import io
 import json
 import os
 import time
-import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,9 +29,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from PIL import Image
 
-from lct_jax import config_lib
+from lct_jax import config_lib, image_files
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.fid import inception, npz_io, precision_recall, stats, vgg
 from lct_jax.io import autoencoder as ae_lib
@@ -43,7 +40,6 @@ from lct_jax.tools import fid_stats
 FORMAT = "lct_jax/eval/v1"
 EXPORTS = ("", "png", "npz")
 PR_FEATURES = fid_stats.PR_FEATURES  # ("inception", "vgg16")
-JPEG_QUALITY = 75  # PIL's default, what the paper's `Image.save("x.jpg")` used
 # Result fields that must agree for an existing JSON to count as done for the current settings.
 SETTINGS_KEYS = (
   "num_samples",
@@ -67,98 +63,6 @@ def local_rows(x: jax.Array) -> list[tuple[int, np.ndarray]]:
     if start not in rows:
       rows[start] = np.asarray(shard.data)
   return sorted(rows.items())
-
-
-def jpeg_roundtrip(
-  images: np.ndarray, pool: concurrent.futures.Executor | None = None
-) -> np.ndarray:
-  """Each uint8 (H, W, 3) image saved as JPEG quality 75 with PIL (default 4:2:0) and read back."""
-
-  def one(img: np.ndarray) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
-    buf.seek(0)
-    with Image.open(buf) as decoded:
-      return np.asarray(decoded.convert("RGB"))
-
-  mapped = pool.map(one, images) if pool is not None else map(one, images)
-  return np.stack(list(mapped)) if len(images) else images
-
-
-class NpzStreamWriter:
-  """Writes uint8 images to an .npz (`arr_0` (N, H, W, C), `indices` (N,)) batch by batch.
-
-  `arr_0` is the layout of the guided-diffusion evaluator's sample batches. The archive is
-  streamed (never held in memory) into a temporary file and renamed when complete.
-  """
-
-  def __init__(self, path: str, count: int, image_shape: tuple[int, ...]):
-    self.path, self.count, self.written, self.indices = path, count, 0, []
-    self._tmp = f"{path}.tmp-{os.getpid()}"
-    self._zip = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
-    self._member = self._zip.open("arr_0.npy", "w", force_zip64=True)
-    header = {"descr": "|u1", "fortran_order": False, "shape": (count, *image_shape)}
-    np.lib.format.write_array_header_2_0(self._member, header)
-
-  def write(self, images: np.ndarray, indices: np.ndarray) -> None:
-    self._member.write(np.ascontiguousarray(images, np.uint8).tobytes())
-    self.written += len(images)
-    self.indices.extend(int(i) for i in indices)
-
-  def close(self) -> None:
-    if self.written != self.count:
-      raise RuntimeError(f"{self.path}: wrote {self.written} images, header says {self.count}")
-    self._member.close()
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(self.indices, np.int64))
-    self._zip.writestr("indices.npy", buf.getvalue())
-    self._zip.close()
-    os.replace(self._tmp, self.path)
-
-
-class _Exporter:
-  """eval.export: PNGs named by global index, or one streamed .npz per process ("" = nothing)."""
-
-  def __init__(self, kind: str, out_dir: str, run_name: str, n: int, batch: int):
-    self.kind, self.n, self.batch = kind, n, batch
-    self.folder = os.path.join(out_dir, f"{run_name}_samples")
-    p, count = jax.process_index(), jax.process_count()
-    self.npz_path = self.folder + ("" if count == 1 else f".p{p:03d}of{count:03d}") + ".npz"
-    self._npz: NpzStreamWriter | None = None
-
-  def _local_count(self, sharding: jax.sharding.Sharding) -> int:
-    """How many of the n samples land on this process's devices (the npz header needs it)."""
-    shards = sharding.addressable_devices_indices_map((self.batch,)).values()
-    slices = {s[0].start or 0: s[0].stop or self.batch for s in shards}
-    return sum(
-      max(0, min(stop, self.n - start) - off)
-      for start in range(0, self.n, self.batch)
-      for off, stop in slices.items()
-    )
-
-  def write(
-    self, start: int, rows: list[tuple[int, np.ndarray]], valid: dict[int, int], sharding: Any
-  ) -> None:
-    """This process's rows of the batch at `start`; `valid[off]` of the rows at `off` count."""
-    if not self.kind:
-      return
-    if self.kind == "npz" and self._npz is None:
-      os.makedirs(os.path.dirname(self.npz_path), exist_ok=True)
-      shape = rows[0][1].shape[1:]
-      self._npz = NpzStreamWriter(self.npz_path, self._local_count(sharding), shape)
-    for off, images in rows:
-      images = images[: valid[off]]
-      indices = np.arange(start + off, start + off + len(images))
-      if self._npz is not None:
-        self._npz.write(images, indices)
-      elif self.kind == "png":
-        os.makedirs(self.folder, exist_ok=True)
-        for i, image in zip(indices, images):
-          Image.fromarray(image).save(os.path.join(self.folder, f"{i:06d}.png"))
-
-  def close(self) -> None:
-    if self._npz is not None:
-      self._npz.close()
 
 
 def _summaries() -> Any:
@@ -265,7 +169,7 @@ class Scorer:
     sums = {v: stats.FeatureStats.zeros(inception.FEATURE_DIM) for v in variants}
     kept = {v: [] for v in variants}
     grid, grid_n, image_size = [], min(ev.grid_samples, n), ""
-    exporter = _Exporter(ev.export, self.out_dir(step), name, n, batch)
+    exporter = image_files.SampleExporter(ev.export, self.out_dir(step), name, n, batch)
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
       for start in range(0, n, batch):
         images = generate(np.arange(start, start + batch))
@@ -276,7 +180,7 @@ class Scorer:
         valid = {off: max(0, min(len(a), n - start - off)) for off, a in rows}
         batches = {"png": images}
         if ev.jpeg:
-          jpeg = {off: jpeg_roundtrip(a, pool) for off, a in rows}
+          jpeg = {off: image_files.jpeg_roundtrip(a, pool) for off, a in rows}
           batches["jpeg_q75"] = jax.make_array_from_callback(
             images.shape, images.sharding, lambda index: jpeg[index[0].start or 0]
           )
@@ -426,7 +330,7 @@ def build_scorer(
     seed=int(ev.seed),
     batch_size=int(ev.batch_size),
     jpeg=bool(ev.jpeg),
-    jpeg_quality=JPEG_QUALITY if ev.jpeg else None,
+    jpeg_quality=image_files.JPEG_QUALITY if ev.jpeg else None,
     pr_k=int(ev.pr_k) if ev.precision_recall else None,
     pr_features=str(ev.pr_features) if ev.precision_recall else None,
     inception_weights=weights or inception.default_weights_path(),

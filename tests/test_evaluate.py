@@ -33,7 +33,7 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from lct_jax import config_lib, evaluation, scoring
+from lct_jax import config_lib, evaluation, image_files
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.fid import inception, stats, vgg
 from lct_jax.io import autoencoder as ae_lib
@@ -253,7 +253,7 @@ def test_jpeg_roundtrip_is_pils_default_jpeg_file(tmp_path):
   for i, image in enumerate(images):  # what the paper's script did: Image.save("x.jpg"), reopen
     Image.fromarray(image).save(tmp_path / f"{i}.jpg")
     want.append(np.asarray(Image.open(tmp_path / f"{i}.jpg").convert("RGB")))
-  got = scoring.jpeg_roundtrip(images)
+  got = image_files.jpeg_roundtrip(images)
   np.testing.assert_array_equal(got, np.stack(want))
   assert np.abs(got.astype(int) - images).mean() > 1  # lossy: not the identity
 
