@@ -110,8 +110,10 @@ def write_shard(
   serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
   final = os.path.join(folder, shard_filename(shard, num_shards))
   tmp = os.path.join(folder, f".tmp-{os.getpid()}-{shard_filename(shard, num_shards)}")
-  # One record per chunk for random access, uncompressed: latents are float32 noise to zstd (7 %
-  # smaller at best) and decompression made random reads 2.5x slower (benchmarks/NOTES.md).
+  # One record per chunk for random access, uncompressed: VAE latents are float32 noise to zstd
+  # (7 % smaller on random-mantissa latents) and decompression made random reads 2.5x slower
+  # (benchmarks/NOTES.md). The pixel autoencoders' latents of padded digits would compress well,
+  # but those sets are small.
   writer = ArrayRecordWriter(tmp, "group_size:1,uncompressed")
   num_bytes = 0
   try:
