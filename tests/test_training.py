@@ -107,17 +107,16 @@ def sigterm_stopped(base, cache_dir, tmp_path_factory):
   return dict(workdir=work, rc=rc, log=job.log())
 
 
-def _assert_same_as_straight(workdir, straight, steps, *, processes=1, rtol=0.0, atol=0.0):
+def _assert_same_as_straight(workdir, straight, steps, *, rtol=0.0, atol=0.0):
   config = th.load_config(straight["overrides"])
   for step in steps:
     got = th.read_state(workdir, config, step)
     want = th.read_state(straight["workdir"], config, step)
     assert int(got.step) == int(want.step) == step
     th.assert_states_equal(got, want, rtol=rtol, atol=atol)
-    # The data iterator is at the batch after the step's: the same on every process.
+    # The data iterator is at the batch after the step's (saved once, for every process).
     assert th.data_state(straight["workdir"], step) == {"next_batch": step}
-    for p in range(processes):
-      assert th.data_state(workdir, step, p, processes) == {"next_batch": step}, (step, p)
+    assert th.data_state(workdir, step) == {"next_batch": step}
 
 
 def _copy(src, dst) -> str:
@@ -240,6 +239,21 @@ def test_loop_compiles_once_and_reads_the_device_only_on_logging_steps(base, tmp
   # The run crossed three curriculum stages (method.md 3.2; logged N of steps 3, 7, 11).
   logged = _read_events(str(tmp_path / "work"))["num_scales"]
   assert {k: int(v) for k, v in logged.items()} == {4: 3, 8: 5, 12: 9}
+
+
+def test_data_position_reads_current_and_legacy_checkpoints(tmp_path):
+  """Saved once under data_position/ now; grain's per-process files in older checkpoints."""
+  d = tmp_path / "checkpoints"
+  os.makedirs(d / "3" / checkpoint.DATA_ITEM)
+  (d / "3" / checkpoint.DATA_ITEM / "metadata").write_text(json.dumps({"next_batch": 3}))
+  os.makedirs(d / "5" / checkpoint.LEGACY_DATA_ITEM)
+  for p in range(2):
+    (d / "5" / "data" / f"process_{p}-of-2.json").write_text(json.dumps({"next_batch": 5}))
+  os.makedirs(d / "7" / "state")
+  assert checkpoint.data_position(str(d), 3) == {"next_batch": 3}
+  assert checkpoint.data_position(str(d), 5) == {"next_batch": 5}
+  with pytest.raises(FileNotFoundError, match="7"):
+    checkpoint.data_position(str(d), 7)
 
 
 # -- resume ----------------------------------------------------------------------------------------
@@ -447,6 +461,11 @@ def test_two_processes_train_checkpoint_resume_like_one(straight, base, cache_di
   step = int(saved[0][0])
   assert 1 <= step < STEPS
   assert th.checkpoint_steps(work) == sorted({1, step})
+  # The same checkpoint also resumes in a single process (the data position is process-free).
+  single = _copy(work, tmp_path / "single")
+  log = th.run_ok(single, overrides, th.job_env(cache_dir, DEVICES), tmp_path / "single.txt")
+  assert f"Resuming from step {step}" in log
+  _assert_same_as_straight(single, straight, [STEPS], rtol=1e-5, atol=1e-7)
   logs = _wait_ok(_start_two_processes(work, overrides, cache_dir, tmp_path, "b"))
   assert all(f"Resuming from step {step}" in log for log in logs)
   assert th.checkpoint_steps(work)[-1] == STEPS
@@ -454,7 +473,7 @@ def test_two_processes_train_checkpoint_resume_like_one(straight, base, cache_di
   # all-reduce adds in another order than XLA's in-process one, so not bitwise: measured, the
   # states differ by at most 7.5e-9 after 6 steps (params ~0.1, optimizer moments down to ~1e-10).
   compared = [k for k in (step, STEPS) if k in th.checkpoint_steps(straight["workdir"])]
-  _assert_same_as_straight(work, straight, compared, processes=2, rtol=1e-5, atol=1e-7)
+  _assert_same_as_straight(work, straight, compared, rtol=1e-5, atol=1e-7)
 
 
 # -- the demo --------------------------------------------------------------------------------------

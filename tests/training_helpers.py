@@ -7,7 +7,6 @@ for compiling the step). Checkpoints are read back in the test process with the 
 """
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -159,13 +158,9 @@ def read_state(workdir, config: ml_collections.ConfigDict, step: int) -> Any:
   return jax.tree.map(np.asarray, jax.device_get(state))
 
 
-def data_state(workdir, step: int, process: int = 0, count: int = 1) -> dict:
-  """The data-iterator state saved with checkpoint `step` by one process."""
-  path = os.path.join(
-    workdir, "checkpoints", str(step), "data", f"process_{process}-of-{count}.json"
-  )
-  with open(path) as f:
-    return json.load(f)
+def data_state(workdir, step: int) -> dict:
+  """The data-iterator state saved with checkpoint `step` (once, by the primary process)."""
+  return checkpoint.data_position(os.path.join(workdir, "checkpoints"), step)
 
 
 def assert_states_equal(a, b, *, rtol: float = 0.0, atol: float = 0.0) -> None:

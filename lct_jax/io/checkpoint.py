@@ -12,17 +12,25 @@ cleans up anything and installs no signal handler, so it can follow a training j
 writing.
 """
 
+import glob
+import json
 import os
 import signal
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
+# The data iterator's position (`get_state()`, the same JSON on every process), saved once by the
+# primary process, so a run resumes on any number of processes.
+DATA_ITEM = "data_position"
+# Checkpoints written before 2026-11-26 (second session) hold it in grain's handler instead: one
+# file per process, `data/process_{i}-of-{n}.json`, all equal; any of them serves.
+LEGACY_DATA_ITEM = "data"
+
 
 class Checkpointer:
-  """Saves and restores {"state": TrainState, "data": iterator state} by step."""
+  """Saves and restores {"state": TrainState, "data_position": iterator state} by step."""
 
   def __init__(self, workdir: str, *, every_steps: int, keep: int, keep_every: int | None):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -55,17 +63,18 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
     """Restores the state at `step` into `abstract_state`'s shardings; sets `data_iter`'s state."""
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    restored = self.manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      data_iter.set_state(json.dumps(data_position(self.directory, step)).encode())
     return restored["state"]
 
   def save(self, step: int, state: Any, data_iter: Any | None, *, force: bool = False) -> bool:
     """Saves (asynchronously) if the interval policy or `force` says so; returns whether it did."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items[DATA_ITEM] = ocp.args.JsonSave(json.loads(data_iter.get_state()))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def should_stop(self, step: int) -> bool:
@@ -81,6 +90,22 @@ class Checkpointer:
     self.manager.close()
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def data_position(directory: str, step: int) -> dict[str, Any]:
+  """The data-iterator position saved with complete checkpoint `step` in `directory`.
+
+  Raises:
+    FileNotFoundError: the checkpoint holds none (naming the folder).
+  """
+  step_dir = os.path.join(directory, str(step))
+  paths = [os.path.join(step_dir, DATA_ITEM, "metadata")]
+  paths += sorted(glob.glob(os.path.join(step_dir, LEGACY_DATA_ITEM, "process_*-of-*.json")))
+  for path in paths:
+    if os.path.isfile(path):
+      with open(path) as f:
+        return json.load(f)
+  raise FileNotFoundError(f"{step_dir} holds no data-iterator position ({DATA_ITEM}/metadata)")
 
 
 class CheckpointReader:

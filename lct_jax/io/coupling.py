@@ -85,8 +85,5 @@ class HostCoupledBatches:
     self._ahead = None
     self._batches.set_state(state)
 
-  def start_prefetch(self) -> None:
-    """Called by grain's checkpoint handler after a restore; reading starts at the next batch."""
-
   def close(self) -> None:
     self._pool.shutdown(wait=True, cancel_futures=True)

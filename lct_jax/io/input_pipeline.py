@@ -154,9 +154,9 @@ def make_loader(
 class GlobalBatches:
   """Global, sharded batches from this process's rows (`make_loader`), resumable by batch count.
 
-  `get_state` / `set_state` follow grain's iterator protocol (JSON bytes), so grain's orbax
-  checkpoint handler saves this object: the state is the number of batches the train step
-  consumed, the same on every process and for any number of workers. `wait_s` accumulates the
+  `get_state` / `set_state` exchange JSON bytes, which the checkpoints store once for all
+  processes (`io.checkpoint`): the state is the number of batches the train step consumed, the
+  same on every process and for any number of workers. `wait_s` accumulates the
   host time spent waiting for data.
   """
 
@@ -208,6 +208,3 @@ class GlobalBatches:
   def set_state(self, state: bytes) -> None:
     self._next = int(json.loads(state)["next_batch"])
     self._iter = None
-
-  def start_prefetch(self) -> None:
-    """Called by grain's checkpoint handler after a restore; reading starts at the next batch."""
