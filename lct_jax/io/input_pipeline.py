@@ -25,16 +25,20 @@ from jax.sharding import Mesh
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.io import latent_dataset, latents
 
+# Separate generator streams for the epoch shuffles and the posterior draws (seeded by the
+# epoch and by the stream position, which would otherwise coincide for small numbers).
+_SHUFFLE, _POSTERIOR = 0, 1
+
 
 class ReadTrainingBatch(grain.transforms.MapWithIndex):
   """Element s of this process -> {"x": the normalized training latents of its rows}.
 
   The stream is the dataset's examples in a fresh random order each epoch (epoch e: the
-  permutation of a generator seeded by (seed, e)), epochs back to back; element s of process p
-  is chunk j = s*P + p of B/P consecutive positions. The rows are read in one batched call and
-  normalized in one vectorized pass. With `sample_posterior`, the row at global position q
-  becomes mean + std * eps with eps from a generator seeded by (seed, q): the same draw for any
-  number of processes or workers, and a fresh one for every position of every epoch.
+  permutation of a generator seeded by (seed, shuffle, e)), epochs back to back; element s of
+  process p is chunk j = s*P + p of B/P consecutive positions. The rows are read in one batched
+  call and normalized in one vectorized pass. With `sample_posterior`, the row at global position
+  q becomes mean + std * eps with eps from a generator seeded by (seed, posterior, q): the same
+  draw for any number of processes or workers, and a fresh one for every position of every epoch.
   """
 
   def __init__(
@@ -61,7 +65,7 @@ class ReadTrainingBatch(grain.transforms.MapWithIndex):
   @functools.lru_cache(maxsize=4)  # a batch spans at most two epochs; prefetch threads share it
   def epoch_order(self, epoch: int) -> np.ndarray:
     """The order in which epoch `epoch` visits the dataset's examples."""
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+    return np.random.default_rng([self.seed, _SHUFFLE, epoch]).permutation(len(self.source))
 
   def positions(self, s: int) -> np.ndarray:
     """Global stream positions of the rows of this process's element s."""
@@ -81,7 +85,10 @@ class ReadTrainingBatch(grain.transforms.MapWithIndex):
     if self.sample_posterior:
       shape = z.shape[1:]
       eps = np.stack(
-        [np.random.default_rng([self.seed, g]).standard_normal(shape, np.float32) for g in q]
+        [
+          np.random.default_rng([self.seed, _POSTERIOR, g]).standard_normal(shape, np.float32)
+          for g in q
+        ]
       )
       z = z + m["std"] * eps
     return {"x": np.asarray(latents.normalize(z, self.stats, self.sigma_data), np.float32)}
