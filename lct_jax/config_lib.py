@@ -210,17 +210,17 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
   model = build_model(config)
   optim = optim_config(config)
   tx, schedule = train.make_optimizer(optim)
+  ot_cfg = ot_config(config)
   step = train.make_train_step(
     model,
     tx,
     schedule,
     curriculum_config(config),
-    ot_config(config),
+    ot_cfg,
     optim,
     mesh,
     microbatches=config.train.microbatches,
   )
-  ot_cfg = ot_config(config)
   cost = None
   if ot_cfg.method == "exact" and ot_cfg.scope == "global":
     cost = train.make_coupling_cost(ot_cfg, mesh)

