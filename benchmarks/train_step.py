@@ -6,9 +6,14 @@ median step time, img_per_s, FLOPs per step from XLA's cost analysis, achieved T
 device memory where the backend reports it. Needs only the core layer (jax, flax, optax, ott-jax).
 """
 
+import glob
+import gzip
 import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -16,6 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from benchmarks import profile_summary
 from lct_jax import config_lib
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.io import coupling
@@ -28,6 +34,16 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (the first compiles).
 _OT = flags.DEFINE_string("ot_method", None, "Override ot.method.")
 _SCOPE = flags.DEFINE_string("ot_scope", None, "Override ot.scope.")
 _MICRO = flags.DEFINE_integer("microbatches", None, "Override train.microbatches.")
+_LABEL = flags.DEFINE_string(
+  "label", "", "Free text copied into the result (e.g. the code version)."
+)
+_PROFILE = flags.DEFINE_integer(
+  "profile_steps", 0, "After timing, trace this many steps with jax.profiler and add the breakdown."
+)
+_DUMP = flags.DEFINE_string(
+  "dump_dir", None, "With --profile_steps: keep the gzipped trace and optimized HLO here."
+)
+_ATTN = flags.DEFINE_string("attention", None, "Override model.attention.")
 _IN_STEP = flags.DEFINE_bool(
   "ot_in_step",
   False,
@@ -69,7 +85,37 @@ def peak_memory_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def run(config, batch_size: int, steps: int, warmup: int, ot_in_step: bool = False) -> dict:
+def profile(step, state, batch, batches, steps: int, dump_dir: str | None, tag: str, hlo: str):
+  """Traces `steps` more steps; returns profile_summary's breakdown (and keeps the files)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(steps):
+        state, metrics = step(state, batch if batches is None else next(batches))
+      jax.block_until_ready((state.step, metrics))
+    (path,) = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+    summary = profile_summary.summarize(path, steps)
+    if dump_dir:
+      os.makedirs(dump_dir, exist_ok=True)
+      with (
+        open(path, "rb") as src,
+        gzip.open(os.path.join(dump_dir, f"prof_{tag}.xplane.pb.gz"), "wb") as dst,
+      ):
+        shutil.copyfileobj(src, dst)
+      with gzip.open(os.path.join(dump_dir, f"hlo_{tag}.txt.gz"), "wt") as dst:
+        dst.write(hlo)
+  return summary
+
+
+def run(
+  config,
+  batch_size: int,
+  steps: int,
+  warmup: int,
+  ot_in_step: bool = False,
+  profile_steps: int = 0,
+  dump_dir: str | None = None,
+  label: str = "",
+) -> dict:
   """Times the train step of `config` at `batch_size`; returns the result record.
 
   With exact/global OT the coupling is solved on the host one step ahead, as in the training job,
@@ -92,29 +138,44 @@ def run(config, batch_size: int, steps: int, warmup: int, ot_in_step: bool = Fal
     batch = next(batches)  # its ot_perm: the step compiled below takes it
   t0 = time.perf_counter()
   lowered = step.lower(state, batch)
-  lowered.compile()
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   flops = step_flops(lowered)
   for _ in range(warmup):
     state, metrics = step(state, batch if batches is None else next(batches))
   jax.block_until_ready(metrics)
+  if batches is not None:
+    batches.solve_wait_s = 0.0
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
     state, metrics = step(state, batch if batches is None else next(batches))
     jax.block_until_ready((state.step, metrics))
     times.append(time.perf_counter() - t0)
+  solve_wait = batches.solve_wait_s / steps if batches is not None else None
+  summary = None
+  if profile_steps:
+    tag = f"{label or 'step'}_b{batch_size}_{config.model.dtype}"
+    try:
+      summary = profile(
+        step, state, batch, batches, profile_steps, dump_dir, tag, compiled.as_text()
+      )
+    except Exception as err:  # noqa: BLE001 - a failed trace must not lose the timing
+      summary = {"error": repr(err)[:500]}
   if batches is not None:
     batches.close()
   median = statistics.median(times)
   return {
     "benchmark": "train_step",
+    "label": label,
     "config": config.data.name,
     "batch_size": batch_size,
     "microbatches": config.train.microbatches,
     "dtype": config.model.dtype,
     "ot": f"{config.ot.method}/{config.ot.scope}",
     "ot_host_ahead": batches is not None,
+    "ot_solve_wait_s_per_step": solve_wait,
+    "attention": config.model.get("attention"),
     "devices": mesh.size,
     "device_kind": jax.devices()[0].device_kind,
     "backend": jax.default_backend(),
@@ -126,6 +187,7 @@ def run(config, batch_size: int, steps: int, warmup: int, ot_in_step: bool = Fal
     "compile_s": compile_s,
     "peak_memory_bytes": peak_memory_bytes(),
     "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
+    "profile": summary,
   }
 
 
@@ -140,7 +202,18 @@ def main(argv):
     config.ot.scope = _SCOPE.value
   if _MICRO.value:
     config.train.microbatches = _MICRO.value
-  result = run(config, _BATCH.value, _STEPS.value, _WARMUP.value, _IN_STEP.value)
+  if _ATTN.value:
+    config.model.attention = _ATTN.value
+  result = run(
+    config,
+    _BATCH.value,
+    _STEPS.value,
+    _WARMUP.value,
+    _IN_STEP.value,
+    _PROFILE.value,
+    _DUMP.value,
+    _LABEL.value,
+  )
   sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.final_norm = "nsln"  # group | layer | nsln   (method.md section 3.6)
   model.nsln_everywhere = False  # ablation: every GroupNorm becomes NsLN
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  model.attention = (
+    "auto"  # auto (cuDNN flash attention on GPU in bf16/fp16, else xla) | xla | cudnn
+  )
 
   # -- consistency training (method.md sections 2 and 3) ------------------------------------------
   config.lct = lct = ml_collections.ConfigDict()

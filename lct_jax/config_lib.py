@@ -15,7 +15,7 @@ import optax
 from jax.sharding import Mesh
 
 from lct_jax.core import curriculum, karras, ot, train
-from lct_jax.core.models import unet
+from lct_jax.core.models import layers, unet
 
 FINAL_NORMS = ("group", "layer", "nsln")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -63,6 +63,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _one_of(config, "ot.scope", ot.SCOPES)
   _one_of(config, "model.final_norm", FINAL_NORMS)
   _one_of(config, "model.dtype", tuple(DTYPES))
+  _one_of(config, "model.attention", layers.ATTENTION_IMPLS)
   lct = config.lct
   if lct.s0 < 1:
     _fail("lct.s0", lct.s0, "must be at least 1")
@@ -173,6 +174,7 @@ def build_model(config: ml_collections.ConfigDict) -> unet.DhariwalUNet:
     final_norm=m.final_norm,
     nsln_everywhere=m.nsln_everywhere,
     dtype=DTYPES[m.dtype],
+    attention_impl=m.attention,
   )
 
 

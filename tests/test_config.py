@@ -21,6 +21,7 @@ from lct_jax.core import ot
     ("ot.scope", "world", None),
     ("lct.c_schedule", "cosine", None),
     ("model.final_norm", "batch", None),
+    ("model.attention", "flash", None),
     ("lct.s1", 5, None),  # s1 < s0
     ("lct.c_constant", -0.01, None),
     ("train.global_batch_size", 100, 8),

@@ -316,6 +316,49 @@ def test_group_norm_and_make_norm():
     layers.make_norm("batch")
 
 
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_normalize_one_pass_is_accurate_far_from_zero(groups):
+  # mean 1000, spread 0.05: E[x^2] - E[x]^2 without the shift loses every digit in float32
+  # (1e6 * 6e-8 = 0.06 > var = 0.0025); the result must match a float64 two-pass computation.
+  rng = np.random.default_rng(5)
+  x = (1000.0 + 0.05 * rng.normal(size=(3, 6, 5, 16)) + rng.normal(size=(3, 1, 1, 16))).astype(
+    np.float32
+  )
+  y = layers.normalize(jnp.asarray(x), groups, 1e-5)
+  xs = np.asarray(x, np.float64).reshape(3, 6, 5, groups, 16 // groups)
+  mu = xs.mean(axis=(1, 2, 4), keepdims=True)
+  var = ((xs - mu) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+  ref = ((xs - mu) / np.sqrt(var + 1e-5)).reshape(x.shape)
+  np.testing.assert_allclose(y, ref, atol=2e-3)  # float32 rounding of x itself: 6e-5 / 0.05
+  assert rel_err(y, ref) < 2e-4
+
+
+def test_group_norm_gradient_vs_numpy():
+  # d/dx of sum(r * GroupNorm(x)) against the closed form of the normalisation's backward pass:
+  # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) per group, g = r * scale.
+  rng = np.random.default_rng(6)
+  x = rng.normal(2.0, 3.0, size=(2, 4, 4, 64))
+  r = rng.normal(size=x.shape)
+  mod = layers.GroupNorm()
+  params = perturb(mod.init(jax.random.key(0), jnp.zeros(x.shape))["params"], 3, 1.0)
+
+  def loss(x, params):
+    return jnp.sum(jnp.asarray(r, jnp.float32) * mod.apply({"params": params}, x))
+
+  dx, dp = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x, jnp.float32), params)
+  p = to_np64(params)
+  xs = x.reshape(2, 4, 4, 16, 4)
+  mu = xs.mean(axis=(1, 2, 4), keepdims=True)
+  rstd = 1.0 / np.sqrt(((xs - mu) ** 2).mean(axis=(1, 2, 4), keepdims=True) + 1e-5)
+  xhat = (xs - mu) * rstd
+  g = (r * p["scale"]).reshape(xs.shape)
+  mean = lambda a: a.mean(axis=(1, 2, 4), keepdims=True)  # noqa: E731
+  ref_dx = (rstd * (g - mean(g) - xhat * mean(g * xhat))).reshape(x.shape)
+  assert rel_err(dx, ref_dx) < 1e-5
+  assert rel_err(dp["scale"], (r * xhat.reshape(x.shape)).sum(axis=(0, 1, 2))) < 1e-5
+  assert rel_err(dp["bias"], r.sum(axis=(0, 1, 2))) < 1e-5
+
+
 def test_positional_embedding_and_resampling_vs_numpy():
   noise = np.array([-500.0, 0.0, 3.7, 250.0 * np.log(80.0)])
   emb = layers.positional_embedding(jnp.asarray(noise, jnp.float32), 128)
@@ -332,6 +375,8 @@ def test_self_attention_vs_numpy():
   y = mod.apply({"params": params}, x)
   ref = np_attention(np.asarray(x, np.float64), to_np64(params), heads=2)
   assert rel_err(y, ref) < 1e-5
+  with pytest.raises(ValueError, match="attention implementation"):
+    layers.attention_op(jnp.zeros((1, 2, 2, 6)), 1, "flash")
 
 
 @pytest.mark.parametrize(

@@ -154,6 +154,42 @@ class Conv2d(nn.Module):
     return y
 
 
+def normalize(x: jax.Array, groups: int, epsilon: float) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) per sample and channel group, over every non-batch axis; float32.
+
+  The statistics of group g of sample b are over all of (H, W) and the channels of the group
+  (channels are split into `groups` consecutive groups; groups=1 normalises over all of (H, W, C)),
+  biased variance, as torch's group_norm and layer_norm.
+
+  One pass over x: per-channel sums of d and d^2 over the spatial axes (one column reduction of
+  the NHWC tensor, which XLA emits as a single kernel for both), summed over each group's channels
+  on the small (B, C) result, with d = x - k shifted by the group's first element k (held out of
+  the gradient: the result does not depend on it), so var = E[d^2] - E[d]^2 and d - E[d] keep the
+  accuracy of a two-pass computation when the mean is large against the spread.
+
+  Args:
+    x: (B, ..., C), C divisible by `groups`.
+    groups: number of channel groups.
+    epsilon: added to the variance.
+
+  Returns:
+    float32, the shape of x.
+  """
+  h = x.astype(jnp.float32)
+  b, c = h.shape[0], h.shape[-1]
+  cg = c // groups
+  per_channel = (b,) + (1,) * (h.ndim - 2) + (c,)
+  spatial = tuple(range(1, h.ndim - 1))
+  k = jax.lax.stop_gradient(h[(slice(None),) + (0,) * len(spatial) + (slice(None, None, cg),)])
+  d = h - jnp.repeat(k, cg, axis=1).reshape(per_channel)
+  count = math.prod(h.shape[1:-1]) * cg
+  m1 = d.sum(axis=spatial).reshape(b, groups, cg).sum(axis=-1) / count
+  m2 = jnp.square(d).sum(axis=spatial).reshape(b, groups, cg).sum(axis=-1) / count
+  rstd = jax.lax.rsqrt(jnp.maximum(m2 - jnp.square(m1), 0.0) + epsilon)
+  mean_d = jnp.repeat(m1, cg, axis=1).reshape(per_channel)
+  return (d - mean_d) * jnp.repeat(rstd, cg, axis=1).reshape(per_channel)
+
+
 class GroupNorm(nn.Module):
   """EDM `GroupNorm`: groups = min(num_groups, C // min_channels_per_group), eps 1e-5, affine per C.
 
@@ -172,11 +208,7 @@ class GroupNorm(nn.Module):
     assert groups >= 1 and c % groups == 0, f"GroupNorm: bad group count {groups} for {c} channels"
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    h = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, c // groups)
-    axes = tuple(range(1, h.ndim - 2)) + (h.ndim - 1,)
-    mean = h.mean(axis=axes, keepdims=True)
-    var = jnp.square(h - mean).mean(axis=axes, keepdims=True)
-    h = ((h - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    h = normalize(x, groups, self.epsilon)
     return h * scale + bias
 
 
@@ -195,11 +227,7 @@ class NsLN(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x (B, ...). Returns: normalised x, float32."""
     shape = x.shape[1:]
-    h = x.astype(jnp.float32)
-    axes = tuple(range(1, h.ndim))
-    mean = h.mean(axis=axes, keepdims=True)
-    var = jnp.square(h - mean).mean(axis=axes, keepdims=True)
-    h = (h - mean) * jax.lax.rsqrt(var + self.epsilon)
+    h = normalize(x, 1, self.epsilon)
     if self.use_scale:
       h = h * self.param("scale", nn.initializers.ones, shape, jnp.float32)
     return h + self.param("bias", nn.initializers.zeros, shape, jnp.float32)
@@ -246,17 +274,23 @@ def positional_embedding(
   return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=1)
 
 
-def attention_op(qkv: jax.Array, num_heads: int) -> jax.Array:
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def attention_op(qkv: jax.Array, num_heads: int, implementation: str = "auto") -> jax.Array:
   """Multi-head softmax self-attention over the spatial positions, EDM channel layout.
 
   The 3C channels of `qkv` are laid out as (head, channel-in-head, {q, k, v}) like EDM's
   `reshape(B * heads, C // heads, 3, -1)`, and the output channel is head * (C // heads) + c, so
-  EDM weights can be ported by transposing kernels only. Logits and softmax run in float32 (as
-  EDM's AttentionOp); the weighted sum of values runs in qkv's dtype.
+  EDM weights can be ported by transposing kernels only. Logits and softmax are float32 (as EDM's
+  AttentionOp: `jax.nn.dot_product_attention` accumulates the logits in float32 whatever the
+  input dtype); the weighted sum of values runs in qkv's dtype.
 
   Args:
     qkv: (B, H, W, 3C).
     num_heads: number of heads; C must be divisible by it.
+    implementation: "xla" (logits materialised), "cudnn" (fused flash attention; GPU, bfloat16 or
+      float16 only) or "auto": cudnn where it applies, else xla.
 
   Returns:
     (B, H, W, C) in qkv's dtype.
@@ -264,14 +298,15 @@ def attention_op(qkv: jax.Array, num_heads: int) -> jax.Array:
   b, h, w, c3 = qkv.shape
   c = c3 // 3
   assert c % num_heads == 0, f"attention: {c} channels not divisible into {num_heads} heads"
-  ch = c // num_heads
-  t = qkv.reshape(b, h * w, num_heads, ch, 3)
-  q, k, v = t[..., 0], t[..., 1], t[..., 2]
-  logits = jnp.einsum(
-    "bqnc,bknc->bnqk", q.astype(jnp.float32), k.astype(jnp.float32) / math.sqrt(ch)
-  )
-  weights = jax.nn.softmax(logits, axis=-1).astype(qkv.dtype)
-  out = jnp.einsum("bnqk,bknc->bqnc", weights, v)
+  if implementation not in ATTENTION_IMPLS:
+    raise ValueError(
+      f"attention implementation must be one of {ATTENTION_IMPLS}, got {implementation!r}"
+    )
+  if implementation == "auto":
+    fused = jax.default_backend() == "gpu" and qkv.dtype in (jnp.bfloat16, jnp.float16)
+    implementation = "cudnn" if fused else "xla"
+  t = qkv.reshape(b, h * w, num_heads, c // num_heads, 3)
+  out = jax.nn.dot_product_attention(t[..., 0], t[..., 1], t[..., 2], implementation=implementation)
   return out.reshape(b, h, w, c)
 
 
@@ -285,6 +320,7 @@ class SelfAttention(nn.Module):
   num_heads: int
   norm: str = "group"
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -292,7 +328,7 @@ class SelfAttention(nn.Module):
     c = x.shape[-1]
     h = make_norm(self.norm, name="norm2")(x)
     qkv = Conv2d(3 * c, 1, dtype=self.dtype, name="qkv")(h)
-    a = attention_op(qkv, self.num_heads)
+    a = attention_op(qkv, self.num_heads, self.attention_impl)
     out = Conv2d(c, 1, init_weight=0.0, init_bias=0.0, dtype=self.dtype, name="proj")(a)
     return x + out
 
@@ -315,6 +351,7 @@ class UNetBlock(nn.Module):
   dropout: float = 0.0
   norm: str = "group"
   dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @property
   def num_heads(self) -> int:
@@ -349,5 +386,11 @@ class UNetBlock(nn.Module):
       skip = Conv2d(cout, 0, name="skip", **resample)(x) if (self.up or self.down) else x
     x = h + skip.astype(h.dtype)
     if self.num_heads:
-      x = SelfAttention(self.num_heads, norm=self.norm, dtype=self.dtype, name="attn")(x)
+      x = SelfAttention(
+        self.num_heads,
+        norm=self.norm,
+        dtype=self.dtype,
+        attention_impl=self.attention_impl,
+        name="attn",
+      )(x)
     return x

@@ -40,6 +40,7 @@ class DhariwalUNet(nn.Module):
     final_norm: "group" | "layer" | "nsln" for the output norm.
     nsln_everywhere: ablation; every inner GroupNorm becomes an NsLN over (H, W, C) too.
     dtype: computation dtype; params are always float32 and the output is float32.
+    attention_impl: "auto" | "xla" | "cudnn" (layers.attention_op).
   """
 
   img_resolution: int
@@ -53,6 +54,7 @@ class DhariwalUNet(nn.Module):
   final_norm: str = "nsln"
   nsln_everywhere: bool = False
   dtype: Any = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, noise_labels: jax.Array, *, train: bool) -> jax.Array:
@@ -78,6 +80,7 @@ class DhariwalUNet(nn.Module):
       dropout=self.dropout,
       norm="nsln" if self.nsln_everywhere else "group",
       dtype=self.dtype,
+      attention_impl=self.attention_impl,
     )
 
     # Mapping: Linear -> SiLU -> Linear -> SiLU (EDM applies the second SiLU after the optional

@@ -1,0 +1,111 @@
+"""Device-time breakdown of a `jax.profiler` trace: `python -m benchmarks.profile_summary TRACE`.
+
+Reads the XSpace file (`*.xplane.pb`, plain or gzipped) with `jax.profiler.ProfileData` (no
+TensorFlow or TensorBoard needed), takes the kernel events of the accelerator planes
+(`/device:GPU:N` or `/device:TPU:N`; the host's XLA op events when there are none, as on CPU) and
+sums their durations by kind of work (convolution, attention, matrix product, reduction fusion,
+elementwise fusion, copy/transpose, other) and by kernel. Busy time is the union of the kernel
+intervals, so busy / window says how much of the traced window the device had work (the rest is
+launch gaps and host waits). Prints one JSON line.
+"""
+
+import collections
+import gzip
+import json
+import re
+import sys
+
+# First match wins; tested against the kernel name and XLA's `hlo_op` stat (the HLO instruction).
+CATEGORIES = (
+  ("attention", re.compile(r"fmha|flash|sdpa|attention|softmax", re.I)),
+  ("convolution", re.compile(r"conv|cudnn|xmma_fprop|dgrad|wgrad|fprop|implicit_gemm", re.I)),
+  ("matmul", re.compile(r"gemm|cublas|cutlass|nvjet|dot|matmul|wgmma", re.I)),
+  ("copy_transpose", re.compile(r"copy|transpose|memcpy|memset|concatenate|slice", re.I)),
+  ("reduction", re.compile(r"reduce|reduction|input_fusion|row_|column_", re.I)),
+  ("elementwise", re.compile(r"fusion|loop_|elementwise|convert|add|multiply", re.I)),
+)
+
+
+def categorize(name: str, hlo_op: str) -> str:
+  for cat, pattern in CATEGORIES:
+    if pattern.search(hlo_op) or pattern.search(name):
+      return cat
+  return "other"
+
+
+def load(path: str):
+  from jax.profiler import ProfileData  # noqa: PLC0415 - only this entry point needs jax
+
+  data = open(path, "rb").read()
+  if data[:2] == b"\x1f\x8b":
+    data = gzip.decompress(data)
+  return ProfileData.from_serialized_xspace(data)
+
+
+def kernel_events(profile) -> list[tuple[str, str, float, float]]:
+  """(name, hlo_op, start_ns, duration_ns) of every device kernel in the trace."""
+  planes = [p for p in profile.planes if re.match(r"/device:(GPU|TPU):\d+$", p.name)]
+  events = []
+  for plane in planes:
+    for line in plane.lines:
+      if re.search(r"XLA (Modules|Ops|TraceMe)|Steps|Framework|Source", line.name):
+        continue  # derived lines repeat the kernels' time
+      for ev in line.events:
+        stats = dict(ev.stats)
+        events.append((ev.name, str(stats.get("hlo_op", "")), ev.start_ns, ev.duration_ns))
+  if not events:  # CPU backend: XLA's thunks appear on the host threads, named by HLO op
+    for plane in profile.planes:
+      if plane.name != "/host:CPU":
+        continue
+      for line in plane.lines:
+        if line.name.startswith("tf_XLA") or "Eigen" in line.name:
+          for ev in line.events:
+            events.append((ev.name, ev.name, ev.start_ns, ev.duration_ns))
+  return events
+
+
+def summarize(path: str, steps: int, top: int = 25) -> dict:
+  """The breakdown of a trace of `steps` train steps; times in ms per step."""
+  events = kernel_events(load(path))
+  if not events:
+    return {"kernels": 0}
+  by_cat = collections.Counter()
+  by_kernel = collections.Counter()
+  count = collections.Counter()
+  for name, hlo_op, _, dur in events:
+    by_cat[categorize(name, hlo_op)] += dur
+    key = f"{hlo_op or '-'} | {name[:90]}"
+    by_kernel[key] += dur
+    count[key] += 1
+  spans = sorted((s, s + d) for _, _, s, d in events)
+  busy, end = 0.0, spans[0][0]
+  for s, e in spans:
+    if e > end:
+      busy += e - max(s, end)
+      end = e
+  window = spans[-1][1] - spans[0][0] if spans else 0.0
+  per_step = 1e-6 / steps
+  total = sum(by_cat.values())
+  return {
+    "kernels": len(events),
+    "kernel_ms_per_step": total * per_step,
+    "busy_ms_per_step": busy * per_step,
+    "window_ms_per_step": window * per_step,
+    "busy_fraction": busy / window if window else None,
+    "ms_per_step_by_category": {k: round(v * per_step, 3) for k, v in by_cat.most_common()},
+    "top_kernels": [
+      {"kernel": k, "calls_per_step": count[k] / steps, "ms_per_step": round(v * per_step, 3)}
+      for k, v in by_kernel.most_common(top)
+    ],
+  }
+
+
+def main(argv):
+  steps = int(argv[2]) if len(argv) > 2 else 1
+  sys.stdout.write(
+    json.dumps({"benchmark": "profile", "trace": argv[1], **summarize(argv[1], steps)}) + "\n"
+  )
+
+
+if __name__ == "__main__":
+  main(sys.argv)
