@@ -193,8 +193,8 @@ class Trainer:
   train_step: Callable
   mesh: Mesh
   example_shape: tuple[int, int, int]
-  # ot.method=exact, ot.scope=global: the step's cost matrix, for the host-side coupling that the
-  # training loop solves one step ahead (io.coupling.HostCoupledBatches); None otherwise.
+  # ot.method=exact: the step's cost matrices, for the host-side coupling that the training loop
+  # solves one step ahead (io.coupling.HostCoupledBatches); None otherwise.
   coupling_cost: Callable | None = None
 
   def init_state(self, key: jax.Array) -> train.TrainState:
@@ -223,7 +223,5 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     mesh,
     microbatches=config.train.microbatches,
   )
-  cost = None
-  if ot_cfg.method == "exact" and ot_cfg.scope == "global":
-    cost = train.make_coupling_cost(ot_cfg, mesh)
+  cost = train.make_coupling_cost(ot_cfg, mesh) if ot_cfg.method == "exact" else None
   return Trainer(model, tx, schedule, step, mesh, example_shape(config), cost)

@@ -96,9 +96,10 @@ class _ArrayBatches:
     self.next_batch = json.loads(state)["next_batch"]
 
 
-def test_host_coupling_one_step_ahead_equals_the_in_step_coupling():
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_host_coupling_one_step_ahead_equals_the_in_step_coupling(scope):
   config = test_config.get_config()
-  config.ot.scope = "global"  # method "exact": scipy on the host
+  config.ot.scope = scope  # method "exact": scipy on the host
   data = [dataset(config, 16, seed=s) for s in range(6)]  # 5 steps + the last read-ahead
   mesh, _, state, step = build(config, 8)
   trainer = _compiled(config.to_json(), 8)[0]
@@ -120,8 +121,10 @@ def test_host_coupling_one_step_ahead_equals_the_in_step_coupling():
     if n == 1:  # a restore in the middle: the read-ahead batch is dropped and read again
       coupled.set_state(coupled.get_state())
   coupled.close()
-  assert all(sorted(p) == list(range(16)) for p in perms)
-  assert any(not np.array_equal(p, np.arange(16)) for p in perms)  # the coupling did something
+  # global: a permutation of the 16 rows; local: of each device's 2 rows, in that shard's indices
+  blocks = [p.reshape(-1, 2 if scope == "local" else 16) for p in perms]
+  assert all(sorted(b) == list(range(b.size)) for bs in blocks for b in bs)
+  assert any(not np.array_equal(b, np.arange(b.size)) for bs in blocks for b in bs)  # it coupled
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), in_step)
 
 

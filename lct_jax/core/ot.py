@@ -294,3 +294,39 @@ def couple(
   return jax.shard_map(
     local, mesh=mesh, in_specs=(spec, spec, P()), out_specs=spec, check_vma=False
   )(x, noise, key)
+
+
+def apply_permutation(
+  noise: jax.Array,
+  perm: jax.Array,
+  *,
+  config: OTConfig,
+  mesh: jax.sharding.Mesh | None,
+  data_axis: str = "data",
+) -> jax.Array:
+  """``noise[perm]`` for a coupling solved outside the step (call inside the jitted step).
+
+  Args:
+    noise: (B, ...) global noise batch, sharded along axis 0 over ``data_axis``.
+    perm: (B,) int32 with the same sharding. ``scope="global"``: indices into the whole batch.
+      ``scope="local"``: each shard's rows hold indices into that shard (0 .. B/S - 1), as
+      ``couple`` finds them per device; they are applied shard by shard, without moving noise
+      between devices.
+    config: the OT settings (for ``scope``).
+    mesh: the device mesh, or None for an unsharded call.
+    data_axis: the mesh axis the batch is sharded over.
+
+  Returns:
+    The permuted noise, sharded like ``noise``.
+  """
+  n_shards = 1 if mesh is None else int(mesh.shape[data_axis])
+  if n_shards == 1 or config.scope == "global":
+    out = jnp.take(noise, perm, axis=0)
+    return (
+      out
+      if mesh is None
+      else jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P(data_axis)))
+    )
+  spec = P(data_axis)
+  take = lambda n, p: jnp.take(n, p, axis=0)  # noqa: E731
+  return jax.shard_map(take, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(noise, perm)

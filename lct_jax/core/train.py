@@ -133,32 +133,44 @@ def _step_noise(key: jax.Array, step: jax.Array, shape, data_sharding) -> tuple[
 def make_coupling_cost(
   ot_cfg: ot.OTConfig, mesh: Mesh
 ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-  """`cost(key, step, x)`: the (B, B) matrix that step `step` couples its noise by, replicated.
+  """`cost(key, step, x)`: the matrices that step `step` couples its noise by.
 
-  For solving the global exact coupling on the host a step ahead, while the device runs the
-  previous step: `ot.exact_assignment_host(cost)` is the permutation the train step would find
-  itself (same noise, same cost); pass it as `batch["ot_perm"]`.
+  For solving the exact coupling on the host a step ahead, while the device runs the previous
+  step: `ot.exact_assignment_host` of each matrix is the permutation the train step would find
+  itself (same noise, same cost); pass them as `batch["ot_perm"]` (see `ot.apply_permutation`).
 
   Args:
-    ot_cfg: the OT settings (method "exact", scope "global").
+    ot_cfg: the OT settings (method "exact").
     mesh: the device mesh.
 
   Returns:
     A jitted function of the state's key, the step number (int32 scalar) and the batch latents
-    `x` (B, H, W, C), sharded along B.
+    `x` (B, H, W, C), sharded along B. scope "global": the (B, B) matrix, replicated. scope
+    "local": (S, B/S, B/S), one matrix per data shard (S = the mesh's data axis), sharded along
+    its first axis like the batch, so each process reads only the blocks of its own devices.
   """
-  if ot_cfg.method != "exact" or ot_cfg.scope != "global":
-    raise ValueError(f"host-side coupling is for ot.method=exact, ot.scope=global; got {ot_cfg}")
+  if ot_cfg.method != "exact":
+    raise ValueError(f"host-side coupling is for ot.method=exact; got {ot_cfg}")
   data_sharding = mesh_lib.batch_sharding(mesh)
   replicated = mesh_lib.replicated(mesh)
+  out_sharding = data_sharding if ot_cfg.scope == "local" else replicated
+  spec = data_sharding.spec
 
   def cost(key, step, x):
     x = x.astype(jnp.float32)
     noise, _ = _step_noise(key, step, x.shape, data_sharding)
-    return jax.lax.with_sharding_constraint(ot.method_cost(x, noise, ot_cfg), replicated)
+    if ot_cfg.scope == "global":
+      return jax.lax.with_sharding_constraint(ot.method_cost(x, noise, ot_cfg), replicated)
+    blocks = jax.shard_map(
+      lambda xs, ns: ot.method_cost(xs, ns, ot_cfg)[None],
+      mesh=mesh,
+      in_specs=(spec, spec),
+      out_specs=spec,
+    )
+    return blocks(x, noise)
 
   return jax.jit(
-    cost, in_shardings=(replicated, replicated, data_sharding), out_shardings=replicated
+    cost, in_shardings=(replicated, replicated, data_sharding), out_shardings=out_sharding
   )
 
 
@@ -180,7 +192,7 @@ def make_train_step(
 
   `batch["x"]` holds normalized latents (B, H, W, C), sharded along B over the "data" axis; an
   optional `batch["ot_perm"]` (B,) int32 is the noise's coupling solved outside the step (see
-  `make_coupling_cost`), which the step then applies instead of solving it. The
+  `make_coupling_cost`, `ot.apply_permutation`), which the step then applies instead of solving it. The
   teacher is the same params under stop_gradient, with the student's dropout key. A step whose loss
   or gradient is not finite leaves params, EMA and optimizer state unchanged and is counted in
   `state.nonfinite_steps`; the step counter advances either way. Metrics stay on the device.
@@ -203,9 +215,7 @@ def make_train_step(
     n_scales = curriculum.num_scales(state.step, cfg)
     c = curriculum.scale_c(n_scales, cfg)
     if "ot_perm" in batch:  # solved outside the step (make_coupling_cost): only apply it
-      noise = jax.lax.with_sharding_constraint(
-        jnp.take(noise, batch["ot_perm"], axis=0), data_sharding
-      )
+      noise = ot.apply_permutation(noise, batch["ot_perm"], config=ot_cfg, mesh=mesh)
     else:
       noise = ot.couple(x, noise, k_ot, config=ot_cfg, mesh=mesh)
     i = jax.lax.with_sharding_constraint(
