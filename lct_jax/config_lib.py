@@ -174,7 +174,7 @@ def build_model(config: ml_collections.ConfigDict) -> unet.DhariwalUNet:
     final_norm=m.final_norm,
     nsln_everywhere=m.nsln_everywhere,
     dtype=DTYPES[m.dtype],
-    attention_impl=m.attention,
+    attention_impl=m.get("attention", "auto"),  # config.json of runs from before the key
   )
 
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 from test_unet import count_dhariwal_params
 
@@ -76,6 +77,15 @@ def test_ablation_chain_adds_one_component_at_a_time():
 def test_ot_settings_round_trip():
   config = default.get_config()
   assert config_lib.ot_config(config) == ot.OTConfig("exact", "local", 0.01, 200)
+
+
+def test_config_json_of_a_run_from_before_model_attention_still_builds():
+  # analyze.py rebuilds the network from a workdir's config.json, which older runs wrote without
+  # model.attention: the default ("auto") applies, the same network as before the key existed.
+  saved = json.loads(test_config.get_config().to_json())
+  del saved["model"]["attention"]
+  model = config_lib.build_model(ml_collections.ConfigDict(saved))
+  assert model.attention_impl == "auto"
 
 
 def run_tool(*args):
