@@ -6,7 +6,12 @@ TensorFlow or TensorBoard needed), takes the kernel events of the accelerator pl
 sums their durations by kind of work (convolution, attention, matrix product, reduction fusion,
 elementwise fusion, copy/transpose, other) and by kernel. Busy time is the union of the kernel
 intervals, so busy / window says how much of the traced window the device had work (the rest is
-launch gaps and host waits). Prints one JSON line.
+launch gaps and host waits). With the optimized HLO text (`--hlo`, as `train_step.py
+--dump_dir` keeps it) each kernel is also attributed to a layer kind of the network through the
+`op_name` metadata of its HLO instruction (convolution layers, norms, attention core, SiLU, skip
+concatenations; instructions without an op_name, i.e. the optimizer/EMA update fusions and state
+copies, are counted apart). Prints one JSON line.
+  python -m benchmarks.profile_summary TRACE.xplane.pb[.gz] STEPS [HLO.txt[.gz]]
 """
 
 import collections
@@ -24,6 +29,45 @@ CATEGORIES = (
   ("reduction", re.compile(r"reduce|reduction|input_fusion|row_|column_", re.I)),
   ("elementwise", re.compile(r"fusion|loop_|elementwise|convert|add|multiply", re.I)),
 )
+
+
+# First match wins; tested against the op_name of the kernel's HLO instruction.
+LAYERS = (
+  ("norms", re.compile(r"/(norm[012]|out_norm)/")),
+  ("attention core", re.compile(r"/attn/(?!qkv/|proj/)")),
+  ("convolution layers", re.compile(r"conv_general_dilated|/conv[01]/|/skip/|/qkv/|/proj/|_conv/")),
+  ("silu", re.compile(r"silu|logistic")),
+  ("skip concatenation", re.compile(r"concatenate")),
+)
+NO_OP_NAME = "optimizer/EMA update, state copies (no op_name)"
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """{HLO instruction name: its metadata op_name} of an optimized HLO module's text."""
+  names = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo_text, re.M):
+    op = re.search(r'op_name="([^"]*)"', m.group(2))
+    names[m.group(1)] = op.group(1) if op else ""
+  return names
+
+
+def layer_of(op_name: str) -> str:
+  if not op_name:
+    return NO_OP_NAME
+  for layer, pattern in LAYERS:
+    if pattern.search(op_name):
+      return layer
+  return "other: " + op_name.rsplit("/", 1)[-1][:40]
+
+
+def busy_ns(spans: list[tuple[float, float]]) -> float:
+  """Length of the union of [start, end) intervals."""
+  busy, end = 0.0, float("-inf")
+  for s, e in sorted(spans):
+    if e > end:
+      busy += e - max(s, end)
+      end = e
+  return busy
 
 
 def categorize(name: str, hlo_op: str) -> str:
@@ -64,29 +108,33 @@ def kernel_events(profile) -> list[tuple[str, str, float, float]]:
   return events
 
 
-def summarize(path: str, steps: int, top: int = 25) -> dict:
-  """The breakdown of a trace of `steps` train steps; times in ms per step."""
+def summarize(path: str, steps: int, top: int = 25, hlo_text: str | None = None) -> dict:
+  """The breakdown of a trace of `steps` train steps; times in ms per step.
+
+  `hlo_text`: the optimized HLO of the traced program, for the breakdown by layer kind.
+  """
   events = kernel_events(load(path))
   if not events:
     return {"kernels": 0}
+  op_names = hlo_op_names(hlo_text) if hlo_text else {}
   by_cat = collections.Counter()
+  by_layer = collections.Counter()
   by_kernel = collections.Counter()
   count = collections.Counter()
   for name, hlo_op, _, dur in events:
     by_cat[categorize(name, hlo_op)] += dur
+    if op_names:  # the kernel's instruction: its hlo_op stat, or its name with "_N" for ".N"
+      op = op_names.get(hlo_op) or op_names.get(re.sub(r"_(\d+)$", r".\1", name)) or ""
+      by_layer[layer_of(op)] += dur
     key = f"{hlo_op or '-'} | {name[:90]}"
     by_kernel[key] += dur
     count[key] += 1
-  spans = sorted((s, s + d) for _, _, s, d in events)
-  busy, end = 0.0, spans[0][0]
-  for s, e in spans:
-    if e > end:
-      busy += e - max(s, end)
-      end = e
-  window = spans[-1][1] - spans[0][0] if spans else 0.0
+  spans = [(s, s + d) for _, _, s, d in events]
+  busy = busy_ns(spans)
+  window = max(e for _, e in spans) - min(s for s, _ in spans)
   per_step = 1e-6 / steps
   total = sum(by_cat.values())
-  return {
+  summary = {
     "kernels": len(events),
     "kernel_ms_per_step": total * per_step,
     "busy_ms_per_step": busy * per_step,
@@ -98,13 +146,21 @@ def summarize(path: str, steps: int, top: int = 25) -> dict:
       for k, v in by_kernel.most_common(top)
     ],
   }
+  if by_layer:
+    summary["ms_per_step_by_layer"] = {
+      k: round(v * per_step, 3) for k, v in by_layer.most_common(12)
+    }
+  return summary
 
 
 def main(argv):
   steps = int(argv[2]) if len(argv) > 2 else 1
-  sys.stdout.write(
-    json.dumps({"benchmark": "profile", "trace": argv[1], **summarize(argv[1], steps)}) + "\n"
-  )
+  hlo = None
+  if len(argv) > 3:
+    with (gzip.open if argv[3].endswith(".gz") else open)(argv[3], "rt") as f:
+      hlo = f.read()
+  row = {"benchmark": "profile", "trace": argv[1], **summarize(argv[1], steps, hlo_text=hlo)}
+  sys.stdout.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def profile(step, state, batch, batches, steps: int, dump_dir: str | None, tag: 
         state, metrics = step(state, batch if batches is None else next(batches))
       jax.block_until_ready((state.step, metrics))
     (path,) = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
-    summary = profile_summary.summarize(path, steps)
+    summary = profile_summary.summarize(path, steps, hlo_text=hlo)
     if dump_dir:
       os.makedirs(dump_dir, exist_ok=True)
       with (
