@@ -141,8 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     _loop(config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh)
   finally:
     ckpt.close()
-    if isinstance(batches, coupling.HostCoupledBatches):
-      batches.close()
+    batches.close()
 
 
 def _loop(config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh) -> None:

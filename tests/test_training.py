@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -170,6 +171,28 @@ def test_batches_ignore_process_count_and_resume_exactly(dataset):
     np.testing.assert_array_equal(np.asarray(next(it)["x"]), want)
     np.testing.assert_array_equal(np.asarray(next(resumed)["x"]), want)
   assert json.loads(resumed.get_state()) == {"next_batch": 8}
+  # Back on the running iterator, whose thread has read ahead: the read-ahead batches are dropped.
+  it.set_state(json.dumps({"next_batch": 2}).encode())
+  for s in range(2, 5):
+    np.testing.assert_array_equal(np.asarray(next(it)["x"]), one[s]["x"])
+  it.close()
+  resumed.close()
+
+
+def test_a_reader_error_reaches_the_loop_and_the_position_stays():
+  def batch(i):
+    if i == 3:
+      raise ValueError(f"bad shard at batch {i}")
+    return {"x": np.full((4, 2, 2, 1), i, np.float32)}
+
+  it = input_pipeline.GlobalBatches(grain.MapDataset.range(10).map(batch), mesh_lib.make_mesh(2))
+  assert [int(np.asarray(next(it)["x"])[0, 0, 0, 0]) for _ in range(3)] == [0, 1, 2]
+  with pytest.raises(ValueError, match="bad shard at batch 3"):
+    next(it)
+  assert json.loads(it.get_state()) == {"next_batch": 3}
+  it.set_state(json.dumps({"next_batch": 5}).encode())  # reading starts again where asked
+  assert int(np.asarray(next(it)["x"])[0, 0, 0, 0]) == 5
+  it.close()
 
 
 # -- host syncs and compiles of the loop (in process) -----------------------------------------------

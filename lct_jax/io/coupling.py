@@ -119,3 +119,5 @@ class HostCoupledBatches:
 
   def close(self) -> None:
     self._pool.shutdown(wait=True, cancel_futures=True)
+    if hasattr(self._batches, "close"):
+      self._batches.close()
