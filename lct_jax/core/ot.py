@@ -284,8 +284,7 @@ def couple(
     perm = jax.shard_map(solve, mesh=mesh, in_specs=(P(), P()), out_specs=P(), check_vma=False)(
       cost, key
     )
-    out = jnp.take(noise, perm, axis=0)
-    return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, spec))
+    return apply_permutation(noise, perm, config=config, mesh=mesh, data_axis=data_axis)
 
   def local(xs, ns, k):
     k = jax.random.fold_in(k, jax.lax.axis_index(data_axis))

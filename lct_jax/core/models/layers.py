@@ -178,16 +178,20 @@ def normalize(x: jax.Array, groups: int, epsilon: float) -> jax.Array:
   h = x.astype(jnp.float32)
   b, c = h.shape[0], h.shape[-1]
   cg = c // groups
-  per_channel = (b,) + (1,) * (h.ndim - 2) + (c,)
   spatial = tuple(range(1, h.ndim - 1))
-  k = jax.lax.stop_gradient(h[(slice(None),) + (0,) * len(spatial) + (slice(None, None, cg),)])
-  d = h - jnp.repeat(k, cg, axis=1).reshape(per_channel)
   count = math.prod(h.shape[1:-1]) * cg
-  m1 = d.sum(axis=spatial).reshape(b, groups, cg).sum(axis=-1) / count
-  m2 = jnp.square(d).sum(axis=spatial).reshape(b, groups, cg).sum(axis=-1) / count
+
+  def to_channels(per_group):  # (B, groups) -> broadcastable against h
+    return jnp.repeat(per_group, cg, axis=1).reshape((b,) + (1,) * len(spatial) + (c,))
+
+  def group_mean(v):  # (B, ..., C) -> (B, groups)
+    return v.sum(axis=spatial).reshape(b, groups, cg).sum(axis=-1) / count
+
+  k = jax.lax.stop_gradient(h[(slice(None),) + (0,) * len(spatial) + (slice(None, None, cg),)])
+  d = h - to_channels(k)
+  m1, m2 = group_mean(d), group_mean(jnp.square(d))
   rstd = jax.lax.rsqrt(jnp.maximum(m2 - jnp.square(m1), 0.0) + epsilon)
-  mean_d = jnp.repeat(m1, cg, axis=1).reshape(per_channel)
-  return (d - mean_d) * jnp.repeat(rstd, cg, axis=1).reshape(per_channel)
+  return (d - to_channels(m1)) * to_channels(rstd)
 
 
 class GroupNorm(nn.Module):
