@@ -23,7 +23,10 @@ import sys
 # First match wins; tested against the kernel name and XLA's `hlo_op` stat (the HLO instruction).
 CATEGORIES = (
   ("attention", re.compile(r"fmha|flash|sdpa|attention|softmax", re.I)),
-  ("convolution", re.compile(r"conv|cudnn|xmma_fprop|dgrad|wgrad|fprop|implicit_gemm", re.I)),
+  (
+    "convolution",
+    re.compile(r"conv(?!ert)|cudnn|xmma_fprop|dgrad|wgrad|fprop|implicit_gemm", re.I),
+  ),
   ("matmul", re.compile(r"gemm|cublas|cutlass|nvjet|dot|matmul|wgmma", re.I)),
   ("copy_transpose", re.compile(r"copy|transpose|memcpy|memset|concatenate|slice", re.I)),
   ("reduction", re.compile(r"reduce|reduction|input_fusion|row_|column_", re.I)),
@@ -40,20 +43,58 @@ LAYERS = (
   ("skip concatenation", re.compile(r"concatenate")),
 )
 NO_OP_NAME = "optimizer/EMA update, state copies (no op_name)"
+OUTSIDE = "step outside the network (loss, optimizer, EMA)"
 
 
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
-  """{HLO instruction name: its metadata op_name} of an optimized HLO module's text."""
+  """{HLO instruction name: its metadata op_name} of an optimized HLO module's text.
+
+  A fusion without metadata of its own (XLA:CPU's ynn fusions) takes the op_name of its body's
+  root, else of the body's first instruction that has one.
+  """
+  body_names = {}
+  for m in re.finditer(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S):
+    lines = m.group(2).split("\n")
+    ops = [re.search(r'op_name="([^"]*)"', line) for line in lines]
+    root = next(
+      (op for line, op in zip(lines, ops) if line.lstrip().startswith("ROOT") and op), None
+    )
+    first = next((op for op in ops if op), None)
+    body_names[m.group(1)] = (root or first).group(1) if (root or first) else ""
   names = {}
   for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo_text, re.M):
     op = re.search(r'op_name="([^"]*)"', m.group(2))
-    names[m.group(1)] = op.group(1) if op else ""
+    calls = re.search(r"calls=%([\w.\-]+)", m.group(2))
+    names[m.group(1)] = op.group(1) if op else body_names.get(calls.group(1), "") if calls else ""
   return names
+
+
+# The main op of a fusion's body, in this order of precedence, names its kind of work.
+FUSION_KINDS = ("convolution", "dot", "reduce", "transpose", "concatenate")
+# A CPU thunk event is named by its HLO instruction; the host threads also carry the executor's
+# own events (ThunkExecutor::Execute, ThreadpoolListener::..., "end: NAME" markers), which span
+# or mark the real ones and are not work of their own.
+HLO_INSTRUCTION = re.compile(r"^[A-Za-z_][\w\-]*(\.\d+)?$")
+
+
+def hlo_fusion_kinds(hlo_text: str) -> dict[str, str]:
+  """{HLO instruction name: main op of the computation it calls} of an optimized HLO module."""
+  bodies = {}
+  for m in re.finditer(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S):
+    ops = set(re.findall(r"= \S+ ([\w\-]+)\(", m.group(2)))
+    bodies[m.group(1)] = next((k for k in FUSION_KINDS if k in ops), "elementwise")
+  kinds = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?calls=%([\w.\-]+)", hlo_text, re.M):
+    if m.group(2) in bodies:
+      kinds[m.group(1)] = bodies[m.group(2)]
+  return kinds
 
 
 def layer_of(op_name: str) -> str:
   if not op_name:
     return NO_OP_NAME
+  if "UNet" not in op_name:  # the network's ops carry its module path, e.g. jvp(DhariwalUNet)
+    return OUTSIDE
   for layer, pattern in LAYERS:
     if pattern.search(op_name):
       return layer
@@ -104,7 +145,8 @@ def kernel_events(profile) -> list[tuple[str, str, float, float]]:
       for line in plane.lines:
         if line.name.startswith("tf_XLA") or "Eigen" in line.name:
           for ev in line.events:
-            events.append((ev.name, ev.name, ev.start_ns, ev.duration_ns))
+            if HLO_INSTRUCTION.match(ev.name):
+              events.append((ev.name, ev.name, ev.start_ns, ev.duration_ns))
   return events
 
 
@@ -117,15 +159,24 @@ def summarize(path: str, steps: int, top: int = 25, hlo_text: str | None = None)
   if not events:
     return {"kernels": 0}
   op_names = hlo_op_names(hlo_text) if hlo_text else {}
+  fusion_kinds = hlo_fusion_kinds(hlo_text) if hlo_text else {}
   by_cat = collections.Counter()
   by_layer = collections.Counter()
   by_kernel = collections.Counter()
   count = collections.Counter()
-  for name, hlo_op, _, dur in events:
-    by_cat[categorize(name, hlo_op)] += dur
+  conv_spans = []
+  for name, hlo_op, start, dur in events:
+    # A kernel named by its instruction (the CPU's thunks; "ynn_fusion.12" says nothing of its
+    # work) is categorized by the main op of the computation the instruction calls.
+    kind = fusion_kinds.get(hlo_op, "") if name == hlo_op else ""
+    cat = categorize(name, f"{hlo_op} {kind}".strip())
+    by_cat[cat] += dur
+    if cat == "convolution":
+      conv_spans.append((start, start + dur))
     if op_names:  # the kernel's instruction: its hlo_op stat, or its name with "_N" for ".N"
       op = op_names.get(hlo_op) or op_names.get(re.sub(r"_(\d+)$", r".\1", name)) or ""
-      by_layer[layer_of(op)] += dur
+      # XLA:CPU drops the metadata of the weight-gradient convolutions it rewrites.
+      by_layer["convolution layers" if kind == "convolution" else layer_of(op)] += dur
     key = f"{hlo_op or '-'} | {name[:90]}"
     by_kernel[key] += dur
     count[key] += 1
@@ -140,6 +191,9 @@ def summarize(path: str, steps: int, top: int = 25, hlo_text: str | None = None)
     "busy_ms_per_step": busy * per_step,
     "window_ms_per_step": window * per_step,
     "busy_fraction": busy / window if window else None,
+    # Time some kernel but no convolution ran: what faster convolutions cannot remove. (On the
+    # CPU, kernel time exceeds busy time: the host's threads run kernels side by side.)
+    "busy_ms_per_step_without_convolution": (busy - busy_ns(conv_spans)) * per_step,
     "ms_per_step_by_category": {k: round(v * per_step, 3) for k, v in by_cat.most_common()},
     "top_kernels": [
       {"kernel": k, "calls_per_step": count[k] / steps, "ms_per_step": round(v * per_step, 3)}
