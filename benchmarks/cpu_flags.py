@@ -2,6 +2,7 @@
 
   python benchmarks/cpu_flags.py                          # conv micro-benchmark, every flag set
   python benchmarks/cpu_flags.py --step --flag_sets=,--xla_cpu_use_xnnpack=true
+  python benchmarks/cpu_flags.py --step --flag_sets= --kernel_layouts=HWIO,IHWO,OHWI
 
 For each XLA flag set (a fresh process per set, since XLA reads XLA_FLAGS once) it times, after
 warm-up, (a) the forward, and forward + backward, of one 3x3 convolution (batch 8, 256 -> 256
@@ -89,17 +90,18 @@ def time_torch_conv(repeats: int, channels_last: bool, backward: bool = True) ->
   return _median_time(run if backward else forward, repeats)
 
 
-def time_jax_step() -> dict:
+def time_jax_step(kernel_layout: str) -> dict:
   """The paper network's train step (configs/ffhq.py, float32) at batch 8: benchmarks/train_step."""
   from benchmarks import train_step
   from configs import ffhq
 
   config = ffhq.get_config()
   config.model.dtype = "float32"
+  config.model.kernel_layout = kernel_layout
   return train_step.run(config, batch_size=8, steps=3, warmup=1)
 
 
-def child(flags: str, step: bool, repeats: int) -> None:
+def child(flags: str, step: bool, repeats: int, kernel_layouts: list[str]) -> None:
   """Runs inside a process whose XLA_FLAGS hold `flags`; prints one JSON line per measurement."""
   import jax
 
@@ -109,10 +111,11 @@ def child(flags: str, step: bool, repeats: int) -> None:
     line = dict(base, benchmark="cpu_conv", framework="jax", backward=backward, median_s=t)
     line["gflop_per_s"] = conv_flops(backward) / t / 1e9
     print(json.dumps(line), flush=True)
-  if step:
-    r = time_jax_step()
+  for layout in kernel_layouts if step else ():
+    r = time_jax_step(layout)
     line = dict(base, benchmark="cpu_train_step", framework="jax", config="ffhq", batch_size=8)
-    line.update(median_s=r["median_step_s"], min_s=r["min_step_s"], flops=r["flops_per_step"])
+    line.update(kernel_layout=layout, median_s=r["median_step_s"], min_s=r["min_step_s"])
+    line.update(flops=r["flops_per_step"])
     print(json.dumps(line), flush=True)
 
 
@@ -121,10 +124,15 @@ def main() -> None:
   p.add_argument("--flag_sets", default=None, help="comma-separated XLA flag sets ('' = none)")
   p.add_argument("--step", action="store_true", help="also time the paper train step per set")
   p.add_argument("--repeats", type=int, default=10)
+  p.add_argument(
+    "--kernel_layouts",
+    default="HWIO",
+    help="with --step: comma-separated model.kernel_layout values",
+  )
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child is not None:
-    child(args.child, args.step, args.repeats)
+    child(args.child, args.step, args.repeats, args.kernel_layouts.split(","))
     return
   sets = DEFAULT_FLAG_SETS if args.flag_sets is None else args.flag_sets.split(",")
   best_torch = {}  # backward -> fastest PyTorch layout's time
@@ -143,6 +151,7 @@ def main() -> None:
       os.path.abspath(__file__),
       f"--child={flags}",
       f"--repeats={args.repeats}",
+      f"--kernel_layouts={args.kernel_layouts}",
     ]
     if args.step:
       cmd.append("--step")

@@ -8,8 +8,9 @@
 # ~100 s more per train_step run to start, initialise, lower, time, trace and dump.
 #   bash benchmarks/gpu_suite.sh            (from the repository root)
 # When .base/ holds another copy of lct_jax/ and configs/ (e.g. `git archive <commit> lct_jax
-# configs | tar -x -C .base`), its bf16 train step is timed and profiled in the same run first, as
-# the baseline of the current code. The whole suite stops starting new benchmarks after
+# configs | tar -x -C .base`), its bf16 train step is timed in the same run first, as the baseline
+# of the current code. The train steps come first (the OT, overlap and eval benchmarks were
+# measured on an H100 before and change less), so a spent budget skips those. The whole suite stops starting new benchmarks after
 # LCT_SUITE_SECONDS (default 540 s); each benchmark gets at most what is left.
 set -uo pipefail
 OUT=${OUT:-/tmp/lct_gpu_suite}
@@ -47,12 +48,18 @@ run $(py) benchmarks.matmul_peak --size="$MM" --dtype=bfloat16
 if [[ -d .base/lct_jax ]]; then  # run from .base (python -m puts the working folder first)
   ln -sfn ../benchmarks .base/benchmarks
   (cd .base && run PYTHONPATH="$SITE" $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" \
-    --dtype=bfloat16 --steps=10 --profile_steps=3 --dump_dir="$OUT" --label=base)
+    --dtype=bfloat16 --steps=10 --label=base)
 fi
 run $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" --dtype=bfloat16 --steps=10 \
   --profile_steps=3 --dump_dir="$OUT" --label=current ||
   run $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" --dtype=bfloat16 --steps=10 \
     --attention=xla --label=current_xla_attention
+# The same step with conv kernels stored OHWI, the filter layout cuDNN's NHWC kernels read and write
+# (prediction in benchmarks/NOTES.md: no transposes around the weights in the update).
+run $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" --dtype=bfloat16 --steps=10 \
+  --kernel_layout=OHWI --label=current_ohwi
+# fp32 (TF32) beside bf16, and peak memory at batch 128 in fp32 (issue target: fits 80 GB).
+run $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" --dtype=float32 --steps=5 --label=current
 run $(py) benchmarks.ot --batch_sizes="$B,$((8 * B))" --methods=exact,sinkhorn --scopes=local,global --repeats=10
 # Global exact OT over 8B rows solved on the host one step ahead, behind a stand-in device step of
 # the measured length of the bf16 step above (its per-chip step on 8 chips).
@@ -60,7 +67,6 @@ STEP_MS=$(python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1
 run $(py) benchmarks.ot_overlap --batch_size=$((8 * B)) --scope=global --step_ms="$STEP_MS" --size="${LCT_SUITE_OVERLAP_SIZE:-4096}"
 # Evaluation: sample (1 NFE) + sd-vae-ft-ema decode (fp32) + FID Inception, extrapolated to 50k.
 run $(py) benchmarks.eval --config="${LCT_SUITE_EVAL_CONFIG:-configs/ffhq.py}" --batch_size="${LCT_SUITE_EVAL_BATCH:-32}" --num_batches=4
-run $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" --dtype=float32 --steps=5 --label=current
 python3 - "$RES" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
@@ -70,15 +76,15 @@ print(f"device: {dev}   bf16 matmul peak: {peak and round(peak, 1)} TFLOP/s")
 for r in rows:
   if r["benchmark"] == "gpu_check":
     print(f"check {r['check']:<24} {'ok' if r['ok'] else 'FAILED'}  {r.get('out_rel_err', r.get('error'))}  {r.get('grad_rel_err', '')}")
-print(f"{'train_step':<44}{'img/s':>8}{'step ms':>9}{'pipe ms':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}{'OT wait ms':>11}")
+print(f"{'train_step':<50}{'img/s':>8}{'step ms':>9}{'pipe ms':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}{'OT wait ms':>11}")
 for r in rows:
   if r["benchmark"] == "train_step":
     mfu = r["tflops_per_s"] / peak if peak and r["tflops_per_s"] else 0
     mem = (r["peak_memory_bytes"] or 0) / 2**30
     wait = r.get("ot_solve_wait_s_per_step")
-    name = f"{r.get('label', '')} b{r['batch_size']}x{r['microbatches']} {r['dtype']} {r['ot']} {r.get('attention') or ''}"
+    name = f"{r.get('label', '')} b{r['batch_size']}x{r['microbatches']} {r['dtype']} {r['ot']} {r.get('attention') or ''} {r.get('kernel_layout') or ''}"
     pipe = r.get("pipelined_step_s")
-    print(f"{name:<44}{r['img_per_s']:>8.0f}{1e3 * r['median_step_s']:>9.1f}{1e3 * (pipe or 0):>9.1f}{(r['tflops_per_s'] or 0):>9.1f}"
+    print(f"{name:<50}{r['img_per_s']:>8.0f}{1e3 * r['median_step_s']:>9.1f}{1e3 * (pipe or 0):>9.1f}{(r['tflops_per_s'] or 0):>9.1f}"
           f"{mfu:>7.1%}{mem:>9.1f}{'' if wait is None else f'{1e3 * wait:.2f}':>11}")
     p = r.get("profile")
     if p and p.get("kernels"):

@@ -1,4 +1,4 @@
-"""Train-step throughput: `python benchmarks/train_step.py --config=configs/ffhq.py --batch_size=8`.
+"""Train-step throughput: `python -m benchmarks.train_step --config=configs/ffhq.py --batch_size=8`.
 
 Builds the configured network and the real train step (loss, OT, optimizer, EMA) on all local
 devices, times `--steps` steps after `--warmup` (compile excluded), and prints one JSON line:
@@ -44,6 +44,7 @@ _DUMP = flags.DEFINE_string(
   "dump_dir", None, "With --profile_steps: keep the gzipped trace and optimized HLO here."
 )
 _ATTN = flags.DEFINE_string("attention", None, "Override model.attention.")
+_LAYOUT = flags.DEFINE_string("kernel_layout", None, "Override model.kernel_layout.")
 _IN_STEP = flags.DEFINE_bool(
   "ot_in_step",
   False,
@@ -195,6 +196,7 @@ def run(
     "ot_host_ahead": batches is not None,
     "ot_solve_wait_s_per_step": solve_wait,
     "attention": config.model.get("attention"),
+    "kernel_layout": config.model.get("kernel_layout"),
     "devices": mesh.size,
     "device_kind": jax.devices()[0].device_kind,
     "backend": jax.default_backend(),
@@ -225,6 +227,8 @@ def main(argv):
     config.train.microbatches = _MICRO.value
   if _ATTN.value:
     config.model.attention = _ATTN.value
+  if _LAYOUT.value:
+    config.model.kernel_layout = _LAYOUT.value
   result = run(
     config,
     _BATCH.value,

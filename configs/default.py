@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention = (
     "auto"  # auto (cuDNN flash attention on GPU in bf16/fp16, else xla) | xla | cudnn
   )
+  # Storage order of the conv kernels' axes: HWIO | OHWI (cuDNN's filter layout) | IHWO (XLA:CPU's
+  # weight-gradient layout). Same network; a checkpoint restores only into the layout it was saved in.
+  model.kernel_layout = "HWIO"
 
   # -- consistency training (method.md sections 2 and 3) ------------------------------------------
   config.lct = lct = ml_collections.ConfigDict()

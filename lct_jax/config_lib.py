@@ -29,6 +29,11 @@ def _fail(key: str, value: Any, why: str) -> None:
   raise ConfigError(f"config.{key}={value!r}: {why}")
 
 
+# Keys added after runs were made, with the value those runs had without the key (the behaviour of
+# the code that wrote them). A run's config.json without one of them builds and resumes as this.
+LATER_KEYS = {"model.attention": "auto", "model.kernel_layout": "HWIO"}
+
+
 def _one_of(config: ml_collections.ConfigDict, key: str, allowed: tuple[str, ...]) -> None:
   value = _get(config, key)
   if value not in allowed:
@@ -64,6 +69,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _one_of(config, "model.final_norm", FINAL_NORMS)
   _one_of(config, "model.dtype", tuple(DTYPES))
   _one_of(config, "model.attention", layers.ATTENTION_IMPLS)
+  _one_of(config, "model.kernel_layout", layers.KERNEL_LAYOUTS)
   lct = config.lct
   if lct.s0 < 1:
     _fail("lct.s0", lct.s0, "must be at least 1")
@@ -174,7 +180,8 @@ def build_model(config: ml_collections.ConfigDict) -> unet.DhariwalUNet:
     final_norm=m.final_norm,
     nsln_everywhere=m.nsln_everywhere,
     dtype=DTYPES[m.dtype],
-    attention_impl=m.get("attention", "auto"),  # config.json of runs from before the key
+    attention_impl=m.get("attention", LATER_KEYS["model.attention"]),
+    kernel_layout=m.get("kernel_layout", LATER_KEYS["model.kernel_layout"]),
   )
 
 

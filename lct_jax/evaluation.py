@@ -366,7 +366,7 @@ def evaluate(
   # lct_jax.io.summaries imports TensorFlow: only after the autoencoder (see scoring._summaries).
   from lct_jax.io import summaries
 
-  summaries.check_workdir(workdir, config, has_checkpoints=True)
+  summaries.check_workdir(workdir, config, True, config_lib.LATER_KEYS)
   scorer = scoring.build_scorer(config, workdir, mesh, ae)
   samplers = build_sampling(config, mesh, ae)
   job = _Job(scorer, samplers, reader, abstract_ema(config, samplers.model, mesh), runs_of(config))

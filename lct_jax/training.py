@@ -127,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   )
   try:
     latest = ckpt.latest_step()
-    summaries.check_workdir(workdir, config, latest is not None)
+    summaries.check_workdir(workdir, config, latest is not None, config_lib.LATER_KEYS)
     summaries.write_config(workdir, config)
     writer = summaries.create_writer(workdir)
     writer.write_hparams({k: str(v) for k, v in summaries.flat_config(config).items()})

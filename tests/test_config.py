@@ -23,6 +23,7 @@ from lct_jax.core import ot
     ("lct.c_schedule", "cosine", None),
     ("model.final_norm", "batch", None),
     ("model.attention", "flash", None),
+    ("model.kernel_layout", "OIHW", None),
     ("lct.s1", 5, None),  # s1 < s0
     ("lct.c_constant", -0.01, None),
     ("train.global_batch_size", 100, 8),
@@ -83,9 +84,9 @@ def test_config_json_of_a_run_from_before_model_attention_still_builds():
   # analyze.py rebuilds the network from a workdir's config.json, which older runs wrote without
   # model.attention: the default ("auto") applies, the same network as before the key existed.
   saved = json.loads(test_config.get_config().to_json())
-  del saved["model"]["attention"]
+  del saved["model"]["attention"], saved["model"]["kernel_layout"]
   model = config_lib.build_model(ml_collections.ConfigDict(saved))
-  assert model.attention_impl == "auto"
+  assert model.attention_impl == "auto" and model.kernel_layout == "HWIO"
 
 
 def run_tool(*args):

@@ -21,6 +21,7 @@ import socket
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import training_helpers as th
@@ -29,7 +30,7 @@ from PIL import Image
 
 from lct_jax import config_lib, training
 from lct_jax.core import mesh as mesh_lib
-from lct_jax.io import checkpoint, encode_config, encoding, input_pipeline, latents
+from lct_jax.io import checkpoint, encode_config, encoding, input_pipeline, latents, summaries
 from lct_jax.io import latent_dataset as ld
 
 STEPS = 6
@@ -277,6 +278,40 @@ def test_data_position_reads_current_and_legacy_checkpoints(tmp_path):
   assert checkpoint.data_position(str(d), 5) == {"next_batch": 5}
   with pytest.raises(FileNotFoundError, match="7"):
     checkpoint.data_position(str(d), 7)
+
+
+def test_restore_into_another_shape_names_the_array_and_writes_nothing(tmp_path):
+  # e.g. a run written with HWIO conv kernels resumed with model.kernel_layout=OHWI
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=2, keep_every=None)
+  state = {"params": {"enc_conv": {"kernel": jnp.ones((3, 3, 4, 8))}}, "step": jnp.zeros((), int)}
+  ckpt.save(1, state, None, force=True)
+  ckpt.close()
+  before = th.snapshot(str(tmp_path))
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  wrong = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
+  wrong["params"]["enc_conv"]["kernel"] = jax.ShapeDtypeStruct((8, 3, 3, 4), jnp.float32)
+  for restore in (
+    lambda: checkpoint.Checkpointer(str(tmp_path), every_steps=1, keep=2, keep_every=None).restore(
+      1, wrong, None
+    ),
+    lambda: checkpoint.CheckpointReader(str(tmp_path)).restore_fields(1, wrong),
+  ):
+    with pytest.raises(ValueError, match=r"params/enc_conv/kernel is \(3, 3, 4, 8\) there but "):
+      restore()
+  assert th.snapshot(str(tmp_path)) == before
+
+
+def test_a_run_from_before_later_config_keys_resumes_but_not_a_changed_one(tmp_path):
+  config = th.load_config({})
+  saved = json.loads(config.to_json())
+  for key in config_lib.LATER_KEYS:  # written before these keys existed
+    group, name = key.split(".")
+    del saved[group][name]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  summaries.check_workdir(str(tmp_path), config, True, config_lib.LATER_KEYS)
+  config.model.kernel_layout = "OHWI"
+  with pytest.raises(ValueError, match="model.kernel_layout: 'HWIO' -> 'OHWI'"):
+    summaries.check_workdir(str(tmp_path), config, True, config_lib.LATER_KEYS)
 
 
 # -- resume ----------------------------------------------------------------------------------------

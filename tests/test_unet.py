@@ -470,6 +470,27 @@ def test_tiny_forward_zero_init_and_vs_numpy(tiny):
   assert rel_err(fwd(pp), ref) < 1e-4
 
 
+@pytest.mark.parametrize("layout", ["OHWI", "IHWO"])
+def test_kernel_layouts_store_the_same_network(tiny, layout):
+  model, x, noise, params, _ = tiny
+  other = model.clone(kernel_layout=layout)
+  order = ["HWIO".index(axis) for axis in layout]
+
+  def stored(path, a):  # an HWIO conv kernel as `layout` stores it; everything else as is
+    is_conv = path[-1].key == "kernel" and a.ndim == 4
+    return jnp.transpose(a, order) if is_conv else a
+
+  shapes = jax.eval_shape(lambda k: other.init(k, x[:1], noise[:1], train=False), jax.random.key(0))
+  want = jax.tree_util.tree_map_with_path(stored, params)
+  assert jax.tree.map(lambda a: a.shape, shapes["params"]) == jax.tree.map(lambda a: a.shape, want)
+  pp = perturb(params, 14)  # HWIO, against the numpy network (which indexes HWIO kernels)
+  y = jax.jit(lambda p: other.apply({"params": p}, x, noise, train=False))(
+    jax.tree_util.tree_map_with_path(stored, pp)
+  )
+  ref = np_tiny_unet(to_np64(pp), np.asarray(x, np.float64), np.asarray(noise, np.float64))
+  assert rel_err(y, ref) < 1e-4
+
+
 def test_final_norm_variants(tiny):
   _, x, noise, _, _ = tiny
   for norm, everywhere in [("nsln", False), ("layer", False), ("nsln", True)]:

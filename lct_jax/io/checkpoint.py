@@ -63,6 +63,7 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
     """Restores the state at `step` into `abstract_state`'s shardings; sets `data_iter`'s state."""
+    check_shapes(self.directory, step, abstract_state)
     restored = self.manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     )
@@ -90,6 +91,31 @@ class Checkpointer:
     self.manager.close()
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def _key_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def check_shapes(directory: str, step: int, abstract: Any) -> None:
+  """Raises ValueError naming the first array whose saved shape differs from `abstract`'s.
+
+  A model config other than the one the run was written with (channel counts, the conv kernels'
+  storage order `model.kernel_layout`) otherwise fails deep in orbax without naming the array.
+  Arrays absent from either side are left to orbax.
+  """
+  step_dir = os.path.join(directory, str(step))
+  metadata = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state"))
+  saved = jax.tree_util.tree_flatten_with_path(getattr(metadata, "item_metadata", metadata))[0]
+  shapes = {_key_names(p): tuple(leaf.shape) for p, leaf in saved if hasattr(leaf, "shape")}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    name = _key_names(path)
+    if name in shapes and shapes[name] != tuple(leaf.shape):
+      raise ValueError(
+        f"checkpoint {step_dir}: {'/'.join(name)} is {shapes[name]} there but {tuple(leaf.shape)} "
+        "in this run's model; restore with the model config that wrote it (the run's "
+        "config.json; e.g. model.kernel_layout, model.model_channels)"
+      )
 
 
 def data_position(directory: str, step: int) -> dict[str, Any]:
@@ -142,6 +168,7 @@ class CheckpointReader:
     manager = self._open()
     if manager is None:
       raise FileNotFoundError(f"no checkpoints in {self.directory}")
+    check_shapes(self.directory, step, abstract)
     item = ocp.args.PyTreeRestore(
       abstract,
       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),

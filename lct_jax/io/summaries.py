@@ -52,8 +52,20 @@ def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return _flatten(json.loads(config.to_json()))
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict, has_checkpoints: bool) -> None:
+def check_workdir(
+  workdir: str,
+  config: ml_collections.ConfigDict,
+  has_checkpoints: bool,
+  later_keys: dict[str, Any] | None = None,
+) -> None:
   """Refuses to resume checkpoints that another config wrote.
+
+  Args:
+    workdir: the run's folder (its config.json is compared).
+    config: the config of this job.
+    has_checkpoints: whether there is anything to resume; without it nothing is checked.
+    later_keys: keys added after some runs were written, with the value those runs had; a key
+      missing from config.json counts as that value (config_lib.LATER_KEYS).
 
   Raises:
     ValueError: naming each differing key with both values; nothing in the workdir is touched.
@@ -62,7 +74,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, has_checkpoin
   if not (has_checkpoints and os.path.exists(path)):
     return
   with open(path) as f:
-    old = _flatten(json.load(f))
+    old = dict(later_keys or {}, **_flatten(json.load(f)))
   new = flat_config(config)
   diffs = [
     f"{k}: {old.get(k)!r} -> {new.get(k)!r}"

@@ -17,6 +17,7 @@ float32; `dtype` is the computation dtype of convolutions, dense layers and atte
 computed in float32 and return float32.
 """
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -106,11 +107,19 @@ class Linear(nn.Module):
     return y
 
 
+# Storage layouts of a Conv2d kernel (the order of its axes: H, W, In, Out). The convolution is
+# the same in each; what changes is the layout of the parameter, its gradient and its optimizer
+# state, i.e. which transposes XLA inserts around the backend's kernels. cuDNN's NHWC kernels take
+# and produce OHWI (KRSC) filters, XLA:CPU's weight gradient comes out IHWO; HWIO is Flax's.
+KERNEL_LAYOUTS = ("HWIO", "OHWI", "IHWO")
+
+
 class Conv2d(nn.Module):
   """EDM `Conv2d` (non-fused): optional [1,1] resampling, then a k x k 'same' convolution.
 
   `kernel_size=0` gives EDM's weightless resampling-only layer (then `features` must equal the
-  input channel count). Kernel HWIO, fan_in = in_channels * k * k for weight and bias init.
+  input channel count). Kernel axes in `kernel_layout` order (default HWIO), fan_in =
+  in_channels * k * k for weight and bias init.
   """
 
   features: int
@@ -121,10 +130,13 @@ class Conv2d(nn.Module):
   init_weight: float = EDM_INIT_GAIN
   init_bias: float = EDM_INIT_GAIN
   dtype: Dtype = jnp.float32
+  kernel_layout: str = "HWIO"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x (B, H, W, Cin). Returns: (B, H', W', features) in `dtype` (H' = 2H / H/2 / H)."""
+    if self.kernel_layout not in KERNEL_LAYOUTS:
+      raise ValueError(f"kernel_layout must be one of {KERNEL_LAYOUTS}, got {self.kernel_layout!r}")
     assert not (self.up and self.down), "Conv2d: up and down are exclusive"
     cin = x.shape[-1]
     x = x.astype(self.dtype)
@@ -137,8 +149,11 @@ class Conv2d(nn.Module):
       assert self.features == cin, "a weightless Conv2d cannot change the channel count"
       return x
     fan_in = cin * k * k
+    size = dict(H=k, W=k, I=cin, O=self.features)
     w = self.param(
-      "kernel", edm_kaiming_uniform(fan_in, self.init_weight), (k, k, cin, self.features)
+      "kernel",
+      edm_kaiming_uniform(fan_in, self.init_weight),
+      tuple(size[axis] for axis in self.kernel_layout),
     )
     pad = k // 2
     y = jax.lax.conv_general_dilated(
@@ -146,7 +161,7 @@ class Conv2d(nn.Module):
       w.astype(self.dtype),
       window_strides=(1, 1),
       padding=((pad, pad), (pad, pad)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      dimension_numbers=("NHWC", self.kernel_layout, "NHWC"),
     )
     if self.use_bias:
       b = self.param("bias", edm_kaiming_uniform(fan_in, self.init_bias), (self.features,))
@@ -325,15 +340,17 @@ class SelfAttention(nn.Module):
   norm: str = "group"
   dtype: Dtype = jnp.float32
   attention_impl: str = "auto"
+  kernel_layout: str = "HWIO"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x (B, H, W, C). Returns: (B, H, W, C), dtype of x promoted with `dtype`."""
     c = x.shape[-1]
+    conv = functools.partial(Conv2d, dtype=self.dtype, kernel_layout=self.kernel_layout)
     h = make_norm(self.norm, name="norm2")(x)
-    qkv = Conv2d(3 * c, 1, dtype=self.dtype, name="qkv")(h)
+    qkv = conv(3 * c, 1, name="qkv")(h)
     a = attention_op(qkv, self.num_heads, self.attention_impl)
-    out = Conv2d(c, 1, init_weight=0.0, init_bias=0.0, dtype=self.dtype, name="proj")(a)
+    out = conv(c, 1, init_weight=0.0, init_bias=0.0, name="proj")(a)
     return x + out
 
 
@@ -356,6 +373,7 @@ class UNetBlock(nn.Module):
   norm: str = "group"
   dtype: Dtype = jnp.float32
   attention_impl: str = "auto"
+  kernel_layout: str = "HWIO"
 
   @property
   def num_heads(self) -> int:
@@ -376,18 +394,19 @@ class UNetBlock(nn.Module):
     """
     cin = x.shape[-1]
     cout = self.out_channels
-    resample = dict(up=self.up, down=self.down, dtype=self.dtype)
+    conv = functools.partial(Conv2d, dtype=self.dtype, kernel_layout=self.kernel_layout)
+    resample = dict(up=self.up, down=self.down)
     h = nn.silu(make_norm(self.norm, name="norm0")(x))
-    h = Conv2d(cout, 3, name="conv0", **resample)(h)
+    h = conv(cout, 3, name="conv0", **resample)(h)
     params = Linear(2 * cout, dtype=self.dtype, name="affine")(emb).astype(jnp.float32)
     scale, shift = params[:, None, None, :cout], params[:, None, None, cout:]
     h = nn.silu(shift + make_norm(self.norm, name="norm1")(h) * (scale + 1.0))
     h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
-    h = Conv2d(cout, 3, init_weight=0.0, init_bias=0.0, dtype=self.dtype, name="conv1")(h)
+    h = conv(cout, 3, init_weight=0.0, init_bias=0.0, name="conv1")(h)
     if cout != cin:
-      skip = Conv2d(cout, 1, name="skip", **resample)(x)
+      skip = conv(cout, 1, name="skip", **resample)(x)
     else:
-      skip = Conv2d(cout, 0, name="skip", **resample)(x) if (self.up or self.down) else x
+      skip = conv(cout, 0, name="skip", **resample)(x) if (self.up or self.down) else x
     x = h + skip.astype(h.dtype)
     if self.num_heads:
       x = SelfAttention(
@@ -395,6 +414,7 @@ class UNetBlock(nn.Module):
         norm=self.norm,
         dtype=self.dtype,
         attention_impl=self.attention_impl,
+        kernel_layout=self.kernel_layout,
         name="attn",
       )(x)
     return x

@@ -41,6 +41,7 @@ class DhariwalUNet(nn.Module):
     nsln_everywhere: ablation; every inner GroupNorm becomes an NsLN over (H, W, C) too.
     dtype: computation dtype; params are always float32 and the output is float32.
     attention_impl: "auto" | "xla" | "cudnn" (layers.attention_op).
+    kernel_layout: storage layout of every conv kernel, one of layers.KERNEL_LAYOUTS.
   """
 
   img_resolution: int
@@ -55,6 +56,7 @@ class DhariwalUNet(nn.Module):
   nsln_everywhere: bool = False
   dtype: Any = jnp.float32
   attention_impl: str = "auto"
+  kernel_layout: str = "HWIO"
 
   @nn.compact
   def __call__(self, x: jax.Array, noise_labels: jax.Array, *, train: bool) -> jax.Array:
@@ -81,7 +83,9 @@ class DhariwalUNet(nn.Module):
       norm="nsln" if self.nsln_everywhere else "group",
       dtype=self.dtype,
       attention_impl=self.attention_impl,
+      kernel_layout=self.kernel_layout,
     )
+    conv = functools.partial(Conv2d, dtype=self.dtype, kernel_layout=self.kernel_layout)
 
     # Mapping: Linear -> SiLU -> Linear -> SiLU (EDM applies the second SiLU after the optional
     # label term, which this unconditional network does not have).
@@ -97,7 +101,7 @@ class DhariwalUNet(nn.Module):
       res = self.img_resolution >> level
       tag = f"{res}x{res}"
       if level == 0:
-        h = Conv2d(self.model_channels * mult, 3, dtype=self.dtype, name=f"enc_{tag}_conv")(h)
+        h = conv(self.model_channels * mult, 3, name=f"enc_{tag}_conv")(h)
       else:
         h = block(h.shape[-1], down=True, name=f"enc_{tag}_down")(h, emb, train=train)
       skips.append(h)
@@ -124,7 +128,5 @@ class DhariwalUNet(nn.Module):
         )(h, emb, train=train)
 
     h = nn.silu(make_norm(self.final_norm, name="out_norm")(h))
-    h = Conv2d(
-      self.out_channels, 3, init_weight=0.0, init_bias=0.0, dtype=self.dtype, name="out_conv"
-    )(h)
+    h = conv(self.out_channels, 3, init_weight=0.0, init_bias=0.0, name="out_conv")(h)
     return h.astype(jnp.float32)
