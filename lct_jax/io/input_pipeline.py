@@ -160,6 +160,10 @@ def make_loader(
   return ds.map_with_index(read)
 
 
+# How long close()/set_state() wait for the read-ahead thread to finish the batch it is reading.
+_JOIN_TIMEOUT_S = 60.0
+
+
 class _ReaderError:
   """An exception of the read-ahead thread, carried to the consumer."""
 
@@ -192,6 +196,7 @@ class GlobalBatches:
     self._next = 0
     self._ready = None  # queue of device batches (or a _ReaderError), filled by the thread
     self._stop = None
+    self._thread = None
     self.wait_s = 0.0
 
   def _start(self, position: int) -> Iterator[dict]:
@@ -219,6 +224,7 @@ class GlobalBatches:
         except queue.Full:
           continue
 
+    local_batches = None
     try:
       local_batches = self._start(position)
       while not stop.is_set():
@@ -231,11 +237,18 @@ class GlobalBatches:
         )
     except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
       put(_ReaderError(e))
+    finally:
+      if hasattr(local_batches, "close"):  # grain's read threads stop with it
+        local_batches.close()
 
   def _shutdown(self) -> None:
+    """Stops the read-ahead thread and waits for it: a daemon thread still inside jax or grain
+    code when the interpreter exits aborts the process (SIGABRT after a clean preemption save)."""
     if self._stop is not None:
       self._stop.set()
-    self._ready = self._stop = None
+    if self._thread is not None and self._thread is not threading.current_thread():
+      self._thread.join(timeout=_JOIN_TIMEOUT_S)
+    self._ready = self._stop = self._thread = None
 
   def __iter__(self) -> Iterator[dict[str, jax.Array]]:
     return self
@@ -244,12 +257,13 @@ class GlobalBatches:
     t0 = time.perf_counter()
     if self._ready is None:
       self._ready, self._stop = queue.Queue(maxsize=max(1, self._prefetch)), threading.Event()
-      threading.Thread(
+      self._thread = threading.Thread(
         target=self._fill,
         args=(self._next, self._ready, self._stop),
         name="global_batches",
         daemon=True,
-      ).start()
+      )
+      self._thread.start()
     item = self._ready.get()
     if isinstance(item, _ReaderError):
       self._shutdown()
@@ -259,7 +273,7 @@ class GlobalBatches:
     return item
 
   def close(self) -> None:
-    """Stops the read-ahead thread (it also ends with the process)."""
+    """Stops the read-ahead thread and waits for it to end."""
     self._shutdown()
 
   @property
