@@ -46,6 +46,21 @@ NO_OP_NAME = "optimizer/EMA update, state copies (no op_name)"
 OUTSIDE = "step outside the network (loss, optimizer, EMA)"
 
 
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+  """{computation name: its body's lines} of an optimized HLO module's text."""
+  return {
+    m.group(1): m.group(2).split("\n")
+    for m in re.finditer(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S)
+  }
+
+
+def _instructions(hlo_text: str):
+  """(name, the rest of its line, the computation it calls or None) of every HLO instruction."""
+  for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo_text, re.M):
+    calls = re.search(r"calls=%([\w.\-]+)", m.group(2))
+    yield m.group(1), m.group(2), calls.group(1) if calls else None
+
+
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
   """{HLO instruction name: its metadata op_name} of an optimized HLO module's text.
 
@@ -53,19 +68,17 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
   root, else of the body's first instruction that has one.
   """
   body_names = {}
-  for m in re.finditer(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S):
-    lines = m.group(2).split("\n")
+  for name, lines in _computations(hlo_text).items():
     ops = [re.search(r'op_name="([^"]*)"', line) for line in lines]
     root = next(
       (op for line, op in zip(lines, ops) if line.lstrip().startswith("ROOT") and op), None
     )
     first = next((op for op in ops if op), None)
-    body_names[m.group(1)] = (root or first).group(1) if (root or first) else ""
+    body_names[name] = (root or first).group(1) if (root or first) else ""
   names = {}
-  for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo_text, re.M):
-    op = re.search(r'op_name="([^"]*)"', m.group(2))
-    calls = re.search(r"calls=%([\w.\-]+)", m.group(2))
-    names[m.group(1)] = op.group(1) if op else body_names.get(calls.group(1), "") if calls else ""
+  for name, rest, called in _instructions(hlo_text):
+    op = re.search(r'op_name="([^"]*)"', rest)
+    names[name] = op.group(1) if op else body_names.get(called, "")
   return names
 
 
@@ -80,14 +93,10 @@ HLO_INSTRUCTION = re.compile(r"^[A-Za-z_][\w\-]*(\.\d+)?$")
 def hlo_fusion_kinds(hlo_text: str) -> dict[str, str]:
   """{HLO instruction name: main op of the computation it calls} of an optimized HLO module."""
   bodies = {}
-  for m in re.finditer(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S):
-    ops = set(re.findall(r"= \S+ ([\w\-]+)\(", m.group(2)))
-    bodies[m.group(1)] = next((k for k in FUSION_KINDS if k in ops), "elementwise")
-  kinds = {}
-  for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?calls=%([\w.\-]+)", hlo_text, re.M):
-    if m.group(2) in bodies:
-      kinds[m.group(1)] = bodies[m.group(2)]
-  return kinds
+  for name, lines in _computations(hlo_text).items():
+    ops = set(re.findall(r"= \S+ ([\w\-]+)\(", "\n".join(lines)))
+    bodies[name] = next((k for k in FUSION_KINDS if k in ops), "elementwise")
+  return {name: bodies[called] for name, _, called in _instructions(hlo_text) if called in bodies}
 
 
 def layer_of(op_name: str) -> str:

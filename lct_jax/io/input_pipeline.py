@@ -246,7 +246,7 @@ class GlobalBatches:
     code when the interpreter exits aborts the process (SIGABRT after a clean preemption save)."""
     if self._stop is not None:
       self._stop.set()
-    if self._thread is not None and self._thread is not threading.current_thread():
+    if self._thread is not None:
       self._thread.join(timeout=_JOIN_TIMEOUT_S)
     self._ready = self._stop = self._thread = None
 
