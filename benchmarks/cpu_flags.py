@@ -3,13 +3,17 @@
   python benchmarks/cpu_flags.py                          # conv micro-benchmark, every flag set
   python benchmarks/cpu_flags.py --step --flag_sets=,--xla_cpu_use_xnnpack=true
   python benchmarks/cpu_flags.py --step --flag_sets= --kernel_layouts=HWIO,IHWO,OHWI
+  python benchmarks/cpu_flags.py --step --torch_step --flag_sets=   # JAX step against PyTorch's
 
 For each XLA flag set (a fresh process per set, since XLA reads XLA_FLAGS once) it times, after
 warm-up, (a) the forward, and forward + backward, of one 3x3 convolution (batch 8, 256 -> 256
 channels, 32x32, float32, the paper network's widest layer) and, with --step, (b) the paper
 network's full train step at batch 8 (configs/ffhq.py, float32; minutes per set). PyTorch's CPU convolution (oneDNN,
 NCHW and channels-last) is timed on the same shape in the parent process, so the ratio XLA / PyTorch
-is measured in one run on one machine.
+is measured in one run on one machine. With --torch_step the parent also times the same train step
+written in PyTorch (benchmarks/torch_unet.py: the paper network, loss, RAdam and EMA, checked
+against the Flax network by tests/test_torch_reference.py), NCHW and channels-last, and each JAX
+step line gets its ratio to the faster of the two.
 """
 
 import argparse
@@ -101,6 +105,35 @@ def time_jax_step(kernel_layout: str) -> dict:
   return train_step.run(config, batch_size=8, steps=3, warmup=1)
 
 
+def time_torch_step(channels_last: bool, steps: int = 3, warmup: int = 1) -> float:
+  """Median seconds of the PyTorch train step (benchmarks/torch_unet.py) at batch 8, float32."""
+  import numpy as np
+  import torch
+
+  from benchmarks import torch_unet
+  from configs import ffhq
+
+  config = ffhq.get_config()
+  shape = tuple(config.data.latent_shape)
+  fmt = torch.channels_last if channels_last else torch.contiguous_format
+  net = torch_unet.from_config(config.model, shape).to(memory_format=fmt)
+  optim = config.optim
+  step = torch_unet.TrainStep(net, optim.learning_rate, optim.weight_decay, optim.ema_decay)
+  rng = np.random.default_rng(0)
+  h, w, c = shape
+  x = torch.from_numpy(0.5 * rng.standard_normal((8, c, h, w)).astype(np.float32))
+  x = x.contiguous(memory_format=fmt)
+  times = []
+  for i in range(warmup + steps):
+    inputs = torch_unet.draw_step_inputs(rng, 8, shape)
+    inputs["noise"] = inputs["noise"].contiguous(memory_format=fmt)
+    t0 = time.perf_counter()
+    step(x, **inputs)
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
 def child(flags: str, step: bool, repeats: int, kernel_layouts: list[str]) -> None:
   """Runs inside a process whose XLA_FLAGS hold `flags`; prints one JSON line per measurement."""
   import jax
@@ -123,6 +156,9 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--flag_sets", default=None, help="comma-separated XLA flag sets ('' = none)")
   p.add_argument("--step", action="store_true", help="also time the paper train step per set")
+  p.add_argument(
+    "--torch_step", action="store_true", help="time the PyTorch train step (torch_unet.py) too"
+  )
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument(
     "--kernel_layouts",
@@ -134,6 +170,7 @@ def main() -> None:
   if args.child is not None:
     child(args.child, args.step, args.repeats, args.kernel_layouts.split(","))
     return
+  sys.path.insert(0, ROOT)  # run as a script: `benchmarks` and `configs` import from the root
   sets = DEFAULT_FLAG_SETS if args.flag_sets is None else args.flag_sets.split(",")
   best_torch = {}  # backward -> fastest PyTorch layout's time
   for backward in (False, True):
@@ -144,6 +181,13 @@ def main() -> None:
       line.update(gflop_per_s=conv_flops(backward) / t / 1e9, host_cpus=os.cpu_count())
       line["torch_threads"] = __import__("torch").get_num_threads()
       print(json.dumps(line), flush=True)
+  torch_step_s = None
+  for layout in ("nchw", "channels_last") if args.torch_step else ():
+    t = time_torch_step(layout == "channels_last")
+    torch_step_s = min(t, torch_step_s or t)
+    line = dict(benchmark="cpu_train_step", framework=f"torch-{layout}", config="ffhq")
+    line.update(batch_size=8, median_s=t, torch_threads=__import__("torch").get_num_threads())
+    print(json.dumps(line), flush=True)
   for flags in sets:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=ROOT)
     cmd = [
@@ -164,6 +208,8 @@ def main() -> None:
         line = json.loads(raw)
         if line["benchmark"] == "cpu_conv":
           line["ratio_to_best_torch"] = line["median_s"] / best_torch[line["backward"]]
+        elif torch_step_s:
+          line["ratio_to_torch_step"] = line["median_s"] / torch_step_s
         print(json.dumps(line), flush=True)
 
 
