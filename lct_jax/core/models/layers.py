@@ -178,9 +178,14 @@ def normalize(x: jax.Array, groups: int, epsilon: float) -> jax.Array:
 
   One pass over x: per-channel sums of d and d^2 over the spatial axes (one column reduction of
   the NHWC tensor, which XLA emits as a single kernel for both), summed over each group's channels
-  on the small (B, C) result, with d = x - k shifted by the group's first element k (held out of
-  the gradient: the result does not depend on it), so var = E[d^2] - E[d]^2 and d - E[d] keep the
-  accuracy of a two-pass computation when the mean is large against the spread.
+  on the small (B, C) result, with d = x - k shifted by the group's first element k, so
+  var = E[d^2] - E[d]^2 and d - E[d] keep the accuracy of a two-pass computation when the mean is
+  large against the spread.
+
+  Its derivative is written out (`jax.custom_jvp`): dy = rstd (dx - E[dx] - y E[y dx]) per group.
+  Linear in dx, it transposes to the closed-form backward dx = rstd (g - E[g] - y E[y g]): two
+  group sums and one elementwise pass, where autodiff of the one-pass statistics takes more
+  passes. Forward mode (`jax.jvp`) and higher derivatives keep working through it.
 
   Args:
     x: (B, ..., C), C divisible by `groups`.
@@ -190,23 +195,46 @@ def normalize(x: jax.Array, groups: int, epsilon: float) -> jax.Array:
   Returns:
     float32, the shape of x.
   """
-  h = x.astype(jnp.float32)
+  return _normalize(x.astype(jnp.float32), groups, epsilon)
+
+
+def _group_ops(h: jax.Array, groups: int):
+  """(group_mean, to_channels) for an NHWC-like h: (B, ..., C) -> (B, groups) and back."""
   b, c = h.shape[0], h.shape[-1]
   cg = c // groups
   spatial = tuple(range(1, h.ndim - 1))
   count = math.prod(h.shape[1:-1]) * cg
 
-  def to_channels(per_group):  # (B, groups) -> broadcastable against h
-    return jnp.repeat(per_group, cg, axis=1).reshape((b,) + (1,) * len(spatial) + (c,))
-
-  def group_mean(v):  # (B, ..., C) -> (B, groups)
+  def group_mean(v):
     return v.sum(axis=spatial).reshape(b, groups, cg).sum(axis=-1) / count
 
-  k = jax.lax.stop_gradient(h[(slice(None),) + (0,) * len(spatial) + (slice(None, None, cg),)])
+  def to_channels(per_group):
+    return jnp.repeat(per_group, cg, axis=1).reshape((b,) + (1,) * len(spatial) + (c,))
+
+  return group_mean, to_channels
+
+
+def _normalize_and_rstd(h: jax.Array, groups: int, epsilon: float):
+  group_mean, to_channels = _group_ops(h, groups)
+  cg = h.shape[-1] // groups
+  k = h[(slice(None),) + (0,) * (h.ndim - 2) + (slice(None, None, cg),)]
   d = h - to_channels(k)
   m1, m2 = group_mean(d), group_mean(jnp.square(d))
-  rstd = jax.lax.rsqrt(jnp.maximum(m2 - jnp.square(m1), 0.0) + epsilon)
-  return (d - to_channels(m1)) * to_channels(rstd)
+  rstd = to_channels(jax.lax.rsqrt(jnp.maximum(m2 - jnp.square(m1), 0.0) + epsilon))
+  return (d - to_channels(m1)) * rstd, rstd
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _normalize(h: jax.Array, groups: int, epsilon: float) -> jax.Array:
+  return _normalize_and_rstd(h, groups, epsilon)[0]
+
+
+@_normalize.defjvp
+def _normalize_jvp(groups, epsilon, primals, tangents):
+  (h,), (dh,) = primals, tangents
+  y, rstd = _normalize_and_rstd(h, groups, epsilon)
+  group_mean, to_channels = _group_ops(h, groups)
+  return y, rstd * (dh - to_channels(group_mean(dh)) - y * to_channels(group_mean(y * dh)))
 
 
 class GroupNorm(nn.Module):
