@@ -10,7 +10,7 @@ warm-up, (a) the forward, and forward + backward, of one 3x3 convolution (batch 
 channels, 32x32, float32, the paper network's widest layer) and, with --step, (b) the paper
 network's full train step at batch 8 (configs/ffhq.py, float32; minutes per set). PyTorch's CPU convolution (oneDNN,
 NCHW and channels-last) is timed on the same shape in the parent process, so the ratio XLA / PyTorch
-is measured in one run on one machine. With --torch_step the parent also times the same train step
+is measured in one run on one machine. With --torch_step a separate process also times the same train step
 written in PyTorch (benchmarks/torch_unet.py: the paper network, loss, RAdam and EMA, checked
 against the Flax network by tests/test_torch_reference.py), NCHW and channels-last, and each JAX
 step line gets its ratio to the faster of the two.
@@ -166,11 +166,18 @@ def main() -> None:
     help="with --step: comma-separated model.kernel_layout values",
   )
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--torch_child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
+  if args.torch_child:
+    for layout in ("nchw", "channels_last"):
+      t = time_torch_step(layout == "channels_last")
+      line = dict(benchmark="cpu_train_step", framework=f"torch-{layout}", config="ffhq")
+      line.update(batch_size=8, median_s=t, torch_threads=__import__("torch").get_num_threads())
+      print(json.dumps(line), flush=True)
+    return
   if args.child is not None:
     child(args.child, args.step, args.repeats, args.kernel_layouts.split(","))
     return
-  sys.path.insert(0, ROOT)  # run as a script: `benchmarks` and `configs` import from the root
   sets = DEFAULT_FLAG_SETS if args.flag_sets is None else args.flag_sets.split(",")
   best_torch = {}  # backward -> fastest PyTorch layout's time
   for backward in (False, True):
@@ -182,12 +189,19 @@ def main() -> None:
       line["torch_threads"] = __import__("torch").get_num_threads()
       print(json.dumps(line), flush=True)
   torch_step_s = None
-  for layout in ("nchw", "channels_last") if args.torch_step else ():
-    t = time_torch_step(layout == "channels_last")
-    torch_step_s = min(t, torch_step_s or t)
-    line = dict(benchmark="cpu_train_step", framework=f"torch-{layout}", config="ffhq")
-    line.update(batch_size=8, median_s=t, torch_threads=__import__("torch").get_num_threads())
-    print(json.dumps(line), flush=True)
+  if args.torch_step:  # in a process of its own, like each JAX step: nothing of it stays around
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.abspath(__file__), "--torch_child"]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+      print(
+        json.dumps(dict(benchmark="cpu_train_step", framework="torch", error=out.stderr[-500:]))
+      )
+    for raw in out.stdout.splitlines():
+      if raw.startswith("{"):
+        line = json.loads(raw)
+        torch_step_s = min(line["median_s"], torch_step_s or line["median_s"])
+        print(json.dumps(line), flush=True)
   for flags in sets:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=ROOT)
     cmd = [
