@@ -112,6 +112,7 @@ def time_torch_step(channels_last: bool, steps: int = 3, warmup: int = 1) -> flo
 
   from benchmarks import torch_unet
   from configs import ffhq
+  from lct_jax import config_lib
 
   config = ffhq.get_config()
   shape = tuple(config.data.latent_shape)
@@ -125,7 +126,7 @@ def time_torch_step(channels_last: bool, steps: int = 3, warmup: int = 1) -> flo
   x = x.contiguous(memory_format=fmt)
   times = []
   for i in range(warmup + steps):
-    inputs = torch_unet.draw_step_inputs(rng, 8, shape)
+    inputs = torch_unet.draw_step_inputs(rng, 8, shape, config_lib.curriculum_config(config))
     inputs["noise"] = inputs["noise"].contiguous(memory_format=fmt)
     t0 = time.perf_counter()
     step(x, **inputs)

@@ -321,20 +321,20 @@ class TrainStep:
     return float(loss.detach())
 
 
-def draw_step_inputs(rng, batch, latent_shape, num_scales=11, p_mean=-1.1, p_std=2.0):
-  """Noise, interval sigmas (iCT's discretized lognormal on the N-point Karras grid), the
-  diffusion mask (i >= floor(0.75 N)) and c of the first curriculum stage, as torch NCHW tensors."""
-  idx = np.arange(num_scales)
-  grid = (80.0 ** (1 / 7) + idx / (num_scales - 1) * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
-  cdf = np.array([math.erf((math.log(s) - p_mean) / (math.sqrt(2) * p_std)) for s in grid])
-  probs = cdf[:-1] - cdf[1:]
-  i = rng.choice(num_scales - 1, size=batch, p=probs / probs.sum())
+def draw_step_inputs(rng, batch, latent_shape, cfg, step=0):
+  """Noise, interval sigmas, diffusion mask and c of training step `step` as torch NCHW tensors,
+  drawn with lct_jax's own curriculum (`cfg`: a `curriculum.CurriculumConfig`) on the host."""
+  from lct_jax.core import curriculum, karras  # noqa: PLC0415 - jax only where inputs are drawn
+
+  n = int(curriculum.num_scales(step, cfg))
+  probs = np.exp(np.asarray(curriculum.interval_log_probs(n, cfg), np.float64))[: n - 1]
+  i = rng.choice(n - 1, size=batch, p=probs / probs.sum())
+  grid = np.asarray(karras.karras_sigma(np.arange(n), n, cfg.noise))
   h, w, ch = latent_shape
-  noise = torch.from_numpy(rng.standard_normal((batch, ch, h, w)).astype(np.float32))
   return dict(
-    noise=noise.contiguous(memory_format=torch.channels_last),
-    sigma=torch.tensor(grid[i], dtype=torch.float32),
-    sigma_next=torch.tensor(grid[i + 1], dtype=torch.float32),
-    mask=torch.from_numpy(i >= math.floor(0.75 * num_scales)),
-    c=torch.tensor(0.03456),
+    noise=torch.from_numpy(rng.standard_normal((batch, ch, h, w)).astype(np.float32)),
+    sigma=torch.from_numpy(grid[i]),
+    sigma_next=torch.from_numpy(grid[i + 1]),
+    mask=torch.from_numpy(np.array(curriculum.diffusion_mask(i, n, cfg))),
+    c=torch.tensor(float(curriculum.scale_c(n, cfg))),
   )
