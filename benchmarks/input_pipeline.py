@@ -10,8 +10,8 @@ step consumes (--step_img_per_s, by default the H200 bf16 figure of benchmarks/N
 performance issue wants >= 10.
 
 Without --data_dir it writes --num_examples random latent moments of the paper's shape (32, 32, 4)
-(mean and std, float32, incompressible like real SD-VAE latents) with the encode job's own shard
-writer, in shards of 1,000.
+(mean, std and a frozen draw, float32, incompressible like real SD-VAE latents) with the encode
+job's own shard writer, in shards of 1,000.
 """
 
 import json
@@ -33,7 +33,9 @@ _NUM = flags.DEFINE_integer("num_examples", 10000, "Examples of the written benc
 _BATCH = flags.DEFINE_integer("global_batch_size", 128, "Rows per global batch.")
 _BATCHES = flags.DEFINE_integer("batches", 300, "Timed batches per setting.")
 _WORKERS = flags.DEFINE_list("worker_counts", ["0"], "grain worker processes, one result each.")
-_POSTERIOR = flags.DEFINE_bool("sample_posterior", False, "Draw mean + std * eps per example.")
+_LATENT = flags.DEFINE_enum(
+  "latent", "sample", ["sample", "mean", "fresh"], "data.latent: what a row is (README, Training)."
+)
 _STEP_RATE = flags.DEFINE_float(
   "step_img_per_s", 1763.0, "Images/s the train step consumes (H100, bf16, b128, 2026-11-26)."
 )
@@ -44,38 +46,40 @@ def write_benchmark_set(folder: str, num_examples: int, shape=(32, 32, 4)) -> st
   os.makedirs(folder)
   rng = np.random.default_rng(0)
   features = latent_dataset.make_features(shape, with_flipped=False)
-  acc = latents.MomentAccumulator(shape)
+  accs = {field: latents.MomentAccumulator(shape) for field in latents.STATS_FIELDS}
   starts = list(range(0, num_examples, 1000))
   lengths, num_bytes = [], 0
   for shard, start in enumerate(starts):
     n = min(1000, num_examples - start)
     mean = rng.standard_normal((n, *shape), np.float32)
     std = np.abs(0.1 * rng.standard_normal((n, *shape), np.float32))
-    acc.update(mean)
+    sample = mean + std * rng.standard_normal((n, *shape), np.float32)
+    accs["mean"].update(mean)
+    accs["sample"].update(sample)
     examples = [
-      dict(mean=mean[i], std=std[i], label=-1, id=str(start + i), index=start + i) for i in range(n)
+      dict(mean=mean[i], std=std[i], sample=sample[i], label=-1, id=str(start + i), index=start + i)
+      for i in range(n)
     ]
     num_bytes += latent_dataset.write_shard(folder, shard, len(starts), features, examples, {})
     lengths.append(n)
-  stats = latents.LatentStats(
-    **acc.finalize(),
-    includes_flipped=False,
-    autoencoder="benchmark",
-    weights_hash="none",
-    resolution=8 * shape[0],
-    scale_factor=1.0,
-  )
-  latents.save_latent_stats(folder, stats)
+  common = dict(autoencoder="benchmark", weights_hash="none", resolution=8 * shape[0])
+  blocks = {
+    (field, False): latents.LatentStats(
+      **acc.finalize(), includes_flipped=False, scale_factor=1.0, **common
+    )
+    for field, acc in accs.items()
+  }
+  latents.save_latent_stats(folder, blocks)
   metadata = dict(latent_shape=list(shape), flip=False)
   latent_dataset.write_dataset_info(folder, features, lengths, num_bytes, metadata, "benchmark")
   return folder
 
 
-def time_loader(data_dir: str, batch_size: int, batches: int, workers: int, posterior: bool):
+def time_loader(data_dir: str, batch_size: int, batches: int, workers: int, latent: str):
   """Seconds per batch for `batches` batches after 5 untimed ones (the iterator's start)."""
-  stats = latents.load_latent_stats(data_dir)
+  stats = latents.load_latent_stats(data_dir, latent=latent)
   loader = input_pipeline.make_loader(
-    data_dir, stats, global_batch_size=batch_size, seed=0, sample_posterior=posterior
+    data_dir, stats, global_batch_size=batch_size, seed=0, latent=latent
   )
   mesh = mesh_lib.make_mesh(0)
   it = input_pipeline.GlobalBatches(loader, mesh, worker_count=workers)
@@ -103,7 +107,7 @@ def main(argv):
   need = _STEP_RATE.value / _BATCH.value  # batches/s the train step consumes
   for workers in [int(w) for w in _WORKERS.value]:
     mean_s, median_s, x = time_loader(
-      data_dir, _BATCH.value, _BATCHES.value, workers, _POSTERIOR.value
+      data_dir, _BATCH.value, _BATCHES.value, workers, _LATENT.value
     )
     rate = 1.0 / mean_s
     result = {
@@ -113,7 +117,7 @@ def main(argv):
       "global_batch_size": _BATCH.value,
       "latent_shape": list(x.shape[1:]),
       "worker_count": workers,
-      "sample_posterior": _POSTERIOR.value,
+      "latent": _LATENT.value,
       "batches_per_s": rate,
       "median_batch_s": median_s,
       "img_per_s": rate * _BATCH.value,

@@ -25,7 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.use_flipped = False  # also train on the stored moments of h-flipped images
   data.encode_config = ""  # encode config to run when data.dir holds no finished dataset (demo)
   data.worker_count = 0  # grain worker processes (0: read in the training process)
-  data.sample_posterior = False  # False: stored sample/mean; True: fresh mean + std * eps each step
+  # What a training row is: "sample", the frozen posterior draw the encode job stored (method.md
+  # §9.16, the paper's choice) | "mean", the posterior mean | "fresh", mean + std * eps each step.
+  data.latent = "sample"
 
   # -- model (EDM's DhariwalUNet, method.md section 4.1) --------------------------------------------
   config.model = model = ml_collections.ConfigDict()

@@ -32,6 +32,20 @@ def _fail(key: str, value: Any, why: str) -> None:
 # Keys added after runs were made, with the value those runs had without the key (the behaviour of
 # the code that wrote them). A run's config.json without one of them builds and resumes as this.
 LATER_KEYS = {"model.attention": "auto", "model.kernel_layout": "HWIO"}
+# Keys replaced after runs were made: old key -> (new key, old value -> new value).
+RENAMED_KEYS = {"data.sample_posterior": ("data.latent", {False: "mean", True: "fresh"})}
+# data.latent: what a training row is (io.latents.LATENT_MODES): the encode job's frozen posterior
+# draw (method.md §9.16), the posterior mean, or a fresh draw each step.
+LATENTS = ("sample", "mean", "fresh")
+
+
+def upgrade_saved_config(flat: dict[str, Any]) -> dict[str, Any]:
+  """A run's flattened config.json as the current keys express it (LATER_KEYS, RENAMED_KEYS)."""
+  out = dict(LATER_KEYS, **flat)
+  for old, (new, values) in RENAMED_KEYS.items():
+    if old in out:
+      out[new] = values[out.pop(old)]
+  return out
 
 
 def _one_of(config: ml_collections.ConfigDict, key: str, allowed: tuple[str, ...]) -> None:
@@ -62,6 +76,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     config: the full config.
     num_devices: devices the batch is split over; None skips the divisibility check.
   """
+  _one_of(config, "data.latent", LATENTS)
   _one_of(config, "lct.loss", curriculum.LOSSES)
   _one_of(config, "lct.c_schedule", curriculum.C_SCHEDULES)
   _one_of(config, "ot.method", ot.METHODS)

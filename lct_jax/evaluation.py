@@ -220,7 +220,9 @@ def build_sampling(
     FileNotFoundError, latents.IncompatibleLatentsError: missing or mismatched latent statistics.
   """
   data_dir = os.path.expanduser(config.data.dir)
-  latent_stats = latents.load_latent_stats(data_dir, use_flipped=config.data.use_flipped)
+  latent_stats = latents.load_latent_stats(
+    data_dir, use_flipped=config.data.use_flipped, latent=config.data.latent
+  )
   latents.check_compatible(
     latent_stats, autoencoder=ae, latent_shape=tuple(config.data.latent_shape)
   )
@@ -366,7 +368,7 @@ def evaluate(
   # lct_jax.io.summaries imports TensorFlow: only after the autoencoder (see scoring._summaries).
   from lct_jax.io import summaries
 
-  summaries.check_workdir(workdir, config, True, config_lib.LATER_KEYS)
+  summaries.check_workdir(workdir, config, True, config_lib.upgrade_saved_config)
   scorer = scoring.build_scorer(config, workdir, mesh, ae)
   samplers = build_sampling(config, mesh, ae)
   job = _Job(scorer, samplers, reader, abstract_ema(config, samplers.model, mesh), runs_of(config))

@@ -103,7 +103,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   total = config_lib.total_steps(config)
 
   data_dir = ensure_dataset(config)
-  stats = latents.load_latent_stats(data_dir, use_flipped=config.data.use_flipped)
+  stats = latents.load_latent_stats(
+    data_dir, use_flipped=config.data.use_flipped, latent=config.data.latent
+  )
   latents.check_compatible(
     stats, autoencoder=config.data.autoencoder, latent_shape=tuple(config.data.latent_shape)
   )
@@ -114,7 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     seed=config.seed,
     sigma_data=config.data.sigma_data,
     use_flipped=config.data.use_flipped,
-    sample_posterior=config.data.sample_posterior,
+    latent=config.data.latent,
   )
   batches = input_pipeline.GlobalBatches(loader, mesh, worker_count=config.data.worker_count)
 
@@ -127,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   )
   try:
     latest = ckpt.latest_step()
-    summaries.check_workdir(workdir, config, latest is not None, config_lib.LATER_KEYS)
+    summaries.check_workdir(workdir, config, latest is not None, config_lib.upgrade_saved_config)
     summaries.write_config(workdir, config)
     writer = summaries.create_writer(workdir)
     writer.write_hparams({k: str(v) for k, v in summaries.flat_config(config).items()})

@@ -83,19 +83,19 @@ def _reference_moments(model, params, u8):
 
 
 def _check_posterior_draws(folder, src):
-  """data.sample_posterior: x = normalize(mean + std * eps) with eps ~ N(0, 1), fresh each epoch,
-  the same for any process count."""
-  stats = latents_lib.load_latent_stats(folder, use_flipped=True)
+  """data.latent="fresh": x = normalize(mean + std * eps) with eps ~ N(0, 1), fresh each epoch,
+  the same for any process count, normalized with the means' statistics."""
+  stats = latents_lib.load_latent_stats(folder, use_flipped=True, latent="fresh")
   kw = dict(global_batch_size=22, seed=3, use_flipped=True)  # one batch per epoch
-  post = input_pipeline.make_loader(folder, stats, sample_posterior=True, **kw)
-  plain = input_pipeline.make_loader(folder, stats, sample_posterior=False, **kw)
+  post = input_pipeline.make_loader(folder, stats, latent="fresh", **kw)
+  plain = input_pipeline.make_loader(folder, stats, latent="mean", **kw)
   halves = [
     input_pipeline.make_loader(
-      folder, stats, sample_posterior=True, process_index=p, process_count=2, **kw
+      folder, stats, latent="fresh", process_index=p, process_count=2, **kw
     )
     for p in range(2)
   ]
-  moments = src.read_moments(range(len(src)), with_std=True)
+  moments = src.read_moments(range(len(src)), ("mean", "std"))
   means = moments["mean"].astype(np.float64)
   eff_std = np.maximum(stats.std, stats.std_floor)
   eps = []  # per epoch: (22, H, W, C) draws, rows in example order
@@ -115,6 +115,35 @@ def _check_posterior_draws(folder, src):
   assert abs(draws.mean()) < 0.05 and abs(draws.std() - 1.0) < 0.05  # 5,632 draws
   # Each epoch draws afresh: the two draws of an example are uncorrelated.
   assert abs(np.corrcoef(draws[0].ravel(), draws[1].ravel())[0, 1]) < 0.1
+
+
+def _check_frozen_draws(examples, folder, src):
+  """method.md §9.16: each image's stored sample is ONE posterior draw mean + std * eps, eps ~
+  N(0, 1), independent across images and flips; data.latent="sample" (the default) trains on it,
+  the same draw every epoch, normalized with the draws' own statistics."""
+  eps = []
+  for ex in examples:
+    for prefix in ("", "flipped_"):
+      std = ex[prefix + "std"].astype(np.float64)
+      assert std.min() > 0  # the tiny VAE's posterior is not degenerate: the check has teeth
+      eps.append((ex[prefix + "sample"] - ex[prefix + "mean"].astype(np.float64)) / std)
+  eps = np.stack(eps).reshape(len(eps), -1)  # 22 draws of 256 values
+  assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1.0) < 0.05
+  corr = np.corrcoef(eps)[np.triu_indices(len(eps), 1)]
+  assert np.abs(corr).max() < 0.3  # no two images (or an image and its flip) share a draw
+  stats = latents_lib.load_latent_stats(folder, use_flipped=True, latent="sample")
+  samples = np.concatenate(
+    [np.stack([ex[k] for ex in examples]) for k in ("sample", "flipped_sample")]
+  ).astype(np.float64)
+  np.testing.assert_allclose(stats.mean, samples.mean(0), rtol=1e-12, atol=1e-13)
+  np.testing.assert_allclose(stats.std, samples.std(0, ddof=1), rtol=1e-10, atol=1e-13)
+  loader = input_pipeline.make_loader(folder, stats, global_batch_size=22, seed=3, use_flipped=True)
+  for s in range(2):  # two epochs, two orders, the same 22 rows
+    z = np.asarray(loader[s]["x"], np.float64) / 0.5 * np.maximum(stats.std, stats.std_floor)
+    z += stats.mean
+    dist = ((z[:, None] - samples[None]) ** 2).sum(axis=(2, 3, 4))
+    np.testing.assert_array_equal(np.sort(dist.argmin(axis=1)), np.arange(22))
+    np.testing.assert_allclose(dist.min(axis=1), 0, atol=1e-8)
 
 
 def test_encode_folder_and_read_back(vae, tmp_path):
@@ -150,12 +179,13 @@ def test_encode_folder_and_read_back(vae, tmp_path):
   # The training pipeline's batched reader parses the records itself: it must agree with TFDS's
   # decoding of every field it returns, originals and flipped copies alike.
   order = [14, 3, 21, 0, 11, 3]
-  got = src.read_moments(order, with_std=True)
+  got = src.read_moments(order, ("mean", "std", "sample"))
   for row, i in enumerate(order):
-    np.testing.assert_array_equal(got["mean"][row], src[i]["mean"])
-    np.testing.assert_array_equal(got["std"][row], src[i]["std"])
-  assert set(src.read_moments(order, with_std=False)) == {"mean"}
+    for key in ("mean", "std", "sample"):
+      np.testing.assert_array_equal(got[key][row], src[i][key])
+  assert set(src.read_moments(order, ("sample",))) == {"sample"}
 
+  _check_frozen_draws(examples, str(out), src)
   _check_posterior_draws(str(out), src)
 
   means = np.stack([ex["mean"] for ex in examples]).astype(np.float64)
@@ -164,7 +194,14 @@ def test_encode_folder_and_read_back(vae, tmp_path):
     doc = json.load(f)
   assert doc["autoencoder"] == os.path.abspath(vae_dir) and doc["resolution"] == RES
   assert doc["weights_hash"] == ae_lib.params_hash(params)
-  for key, data in (("originals", means), ("with_flipped", np.concatenate([means, flips]))):
+  samples = np.stack([ex["sample"] for ex in examples]).astype(np.float64)
+  f_samples = np.stack([ex["flipped_sample"] for ex in examples]).astype(np.float64)
+  for key, data in (
+    ("originals", means),
+    ("with_flipped", np.concatenate([means, flips])),
+    ("sample_originals", samples),
+    ("sample_with_flipped", np.concatenate([samples, f_samples])),
+  ):
     block = doc[key]
     assert block["num_latents"] == len(data)
     np.testing.assert_allclose(block["mean"], data.mean(axis=0), rtol=1e-12, atol=1e-13)
@@ -207,7 +244,7 @@ def test_normalize_matches_numpy_and_inverts(tmp_path):
     resolution=4,
     scale_factor=1.0,
   )
-  latents_lib.save_latent_stats(str(tmp_path), stats)
+  latents_lib.save_latent_stats(str(tmp_path), {("mean", False): stats})
   stats = latents_lib.load_latent_stats(str(tmp_path))
   mean, std = z.mean(0), z.std(0, ddof=1)
   np.testing.assert_allclose(stats.mean, mean, rtol=1e-13)
@@ -220,6 +257,48 @@ def test_normalize_matches_numpy_and_inverts(tmp_path):
   np.testing.assert_allclose(np.asarray(xj), (z - mean) / std * 0.5, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="data.use_flipped"):
     latents_lib.load_latent_stats(str(tmp_path), use_flipped=True)
+
+
+def test_dataset_from_before_frozen_draws_trains_on_means_only(tmp_path):
+  """A dataset encoded before the frozen posterior draw was stored (mean and std only): the
+  default data.latent="sample" is refused naming the key, before anything is read; "mean" and
+  "fresh" still train on it."""
+  import tensorflow_datasets as tfds
+
+  shape, n = (4, 4, 2), 6
+  rng = np.random.default_rng(0)
+  mean = rng.standard_normal((n, *shape)).astype(np.float32)
+  std = np.full((n, *shape), 0.1, np.float32)
+  tensor = lambda: tfds.features.Tensor(shape=shape, dtype=np.float32)  # noqa: E731
+  features = tfds.features.FeaturesDict(
+    dict(mean=tensor(), std=tensor(), label=np.int64, id=tfds.features.Text(), index=np.int64)
+  )
+  examples = [dict(mean=mean[i], std=std[i], label=-1, id=str(i), index=i) for i in range(n)]
+  folder = str(tmp_path / "old")
+  os.makedirs(folder)
+  nbytes = ld.write_shard(folder, 0, 1, features, examples, {"skipped": []})
+  ld.write_dataset_info(folder, features, [n], nbytes, {}, "old")
+  acc = latents_lib.MomentAccumulator(shape)
+  acc.update(mean.astype(np.float64))
+  common = dict(autoencoder="pixel", weights_hash="h", resolution=4, scale_factor=1.0)
+  stats = latents_lib.LatentStats(**acc.finalize(), includes_flipped=False, **common)
+  latents_lib.save_latent_stats(folder, {("mean", False): stats})
+  before = sorted(os.listdir(folder))
+
+  with pytest.raises(ValueError, match="data.latent='sample'.*re-encode it, or set data.latent="):
+    latents_lib.load_latent_stats(folder, latent="sample")
+  with pytest.raises(ValueError, match="data.latent='sample'.*stores no frozen posterior draws"):
+    input_pipeline.make_loader(folder, stats, global_batch_size=3, seed=0, latent="sample")
+  with pytest.raises(ValueError, match="data.latent='draw'"):
+    input_pipeline.make_loader(folder, stats, global_batch_size=3, seed=0, latent="draw")
+  assert sorted(os.listdir(folder)) == before
+  for latent in ("mean", "fresh"):
+    got = latents_lib.load_latent_stats(folder, latent=latent)
+    np.testing.assert_allclose(got.mean, mean.astype(np.float64).mean(0), rtol=1e-12)
+  loader = input_pipeline.make_loader(folder, stats, global_batch_size=n, seed=0, latent="mean")
+  x = np.sort(np.asarray(loader[0]["x"], np.float64).reshape(n, -1), axis=0)
+  want = (mean.astype(np.float64) - stats.mean) / stats.std * 0.5
+  np.testing.assert_allclose(x, np.sort(want.reshape(n, -1), axis=0), rtol=1e-5, atol=1e-6)
 
 
 def test_sources_zip_demo_and_preprocessing(tmp_path):

@@ -354,11 +354,22 @@ def test_a_run_from_before_later_config_keys_resumes_but_not_a_changed_one(tmp_p
   for key in config_lib.LATER_KEYS:  # written before these keys existed
     group, name = key.split(".")
     del saved[group][name]
+  # ... and before data.latent replaced data.sample_posterior (False: the posterior means).
+  del saved["data"]["latent"]
+  saved["data"]["sample_posterior"] = False
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  summaries.check_workdir(str(tmp_path), config, True, config_lib.LATER_KEYS)
+  upgrade = config_lib.upgrade_saved_config
+  with pytest.raises(ValueError, match="data.latent: 'mean' -> 'sample'"):
+    summaries.check_workdir(str(tmp_path), config, True, upgrade)
+  config.data.latent = "mean"
+  summaries.check_workdir(str(tmp_path), config, True, upgrade)
   config.model.kernel_layout = "OHWI"
   with pytest.raises(ValueError, match="model.kernel_layout: 'HWIO' -> 'OHWI'"):
-    summaries.check_workdir(str(tmp_path), config, True, config_lib.LATER_KEYS)
+    summaries.check_workdir(str(tmp_path), config, True, upgrade)
+  saved["data"]["sample_posterior"] = True  # a fresh draw per step
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config.model.kernel_layout, config.data.latent = "HWIO", "fresh"
+  summaries.check_workdir(str(tmp_path), config, True, upgrade)
 
 
 # -- resume ----------------------------------------------------------------------------------------
@@ -668,7 +679,8 @@ def test_nonfinite_loss_stops_naming_last_good_checkpoint(
   path = os.path.join(bad, latents.STATS_FILENAME)
   with open(path) as f:
     doc = json.load(f)
-  doc["originals"]["mean"] = np.full(np.shape(doc["originals"]["mean"]), np.nan).tolist()
+  for block in [v for v in doc.values() if isinstance(v, dict)]:  # over draws and over means
+    block["mean"] = np.full(np.shape(block["mean"]), np.nan).tolist()
   with open(path, "w") as f:
     json.dump(doc, f)
   # The straight run as it stood after step k = 3 (checkpoints 1 and 3).

@@ -36,6 +36,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.autoencoder = "stabilityai/sd-vae-ft-ema"  # HF id, local folder, "pixel" or "pixel:F"
   c.local_files_only = False  # HF ids: use only the local Hugging Face cache
   c.flip = False  # also store the moments of the h-flipped image (paper: LSUN)
+  c.seed = 0  # the stored frozen posterior draw of image i: mean + std * eps(seed, i, flipped)
   # -- output ---------------------------------------------------------------------------------
   c.output_dir = default_output_dir("folder")  # the dataset folder (training's data.dir)
   c.shard_size = 1000  # images per shard: the unit of resume

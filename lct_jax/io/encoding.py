@@ -43,6 +43,7 @@ CONTENT_KEYS = (
   "max_examples",
   "resolution",
   "flip",
+  "seed",
   "shard_size",
   "labels_from_subdirs",
 )
@@ -106,18 +107,32 @@ class ShardedEncoder:
     return np.asarray(mean)[:k], np.asarray(std)[:k]
 
 
+def frozen_eps(seed: int, index: int, flipped: bool, shape: tuple[int, ...]) -> np.ndarray:
+  """The N(0, 1) noise of image `index`'s frozen posterior draw (method.md §3.0, §9.16).
+
+  sample = mean + std * eps, drawn once at encoding and stored: a generator seeded by (seed,
+  source index, flipped) gives the same draw however the job is split into shards, batches or
+  processes, and on a resumed run.
+  """
+  rng = np.random.default_rng([int(seed), int(index), int(flipped)])
+  return rng.standard_normal(shape, np.float32)
+
+
 def _encode_records(
-  records: list[image_sources.Record], encoder: ShardedEncoder, flip: bool
+  records: list[image_sources.Record], encoder: ShardedEncoder, flip: bool, seed: int
 ) -> list[dict[str, Any]]:
   images = np.stack([r.image for r in records])
   mean, std = encoder(images)
   if flip:
     f_mean, f_std = encoder(np.ascontiguousarray(images[:, :, ::-1]))
+  shape = mean.shape[1:]
   examples = []
   for j, r in enumerate(records):
-    ex = dict(mean=mean[j], std=std[j], label=r.label, id=r.id, index=r.index)
+    sample = mean[j] + std[j] * frozen_eps(seed, r.index, False, shape)
+    ex = dict(mean=mean[j], std=std[j], sample=sample, label=r.label, id=r.id, index=r.index)
     if flip:
-      ex.update(flipped_mean=f_mean[j], flipped_std=f_std[j])
+      f_sample = f_mean[j] + f_std[j] * frozen_eps(seed, r.index, True, shape)
+      ex.update(flipped_mean=f_mean[j], flipped_std=f_std[j], flipped_sample=f_sample)
     examples.append(ex)
   return examples
 
@@ -143,16 +158,20 @@ def _encode_shard(
       continue
     pending.append(record)
     if len(pending) == encoder.batch_size:
-      examples += _encode_records(pending, encoder, config.flip)
+      examples += _encode_records(pending, encoder, config.flip, config.seed)
       pending = []
   if pending:
-    examples += _encode_records(pending, encoder, config.flip)
+    examples += _encode_records(pending, encoder, config.flip, config.seed)
   manifest = {"source_range": [start, stop], "skipped": skipped, "process": jax.process_index()}
   num_bytes = ld.write_shard(config.output_dir, shard, num_shards, features, examples, manifest)
   return stop - start, len(skipped), num_bytes
 
 
-def _shard_stats(folder: str, num_shards: int, features: Any, flip: bool) -> tuple[Any, Any]:
+def _shard_stats(
+  folder: str, num_shards: int, features: Any, flip: bool, field: str
+) -> tuple[Any, Any]:
+  """Moments of the stored `field` ("mean" or "sample") over the originals, and over originals +
+  flipped copies when `flip`."""
   shape = features["mean"].shape
   originals = latents_lib.MomentAccumulator(shape)
   both = latents_lib.MomentAccumulator(shape) if flip else None
@@ -161,12 +180,12 @@ def _shard_stats(folder: str, num_shards: int, features: Any, flip: bool) -> tup
     if not examples:
       continue
     acc = latents_lib.MomentAccumulator(shape)
-    acc.update(np.stack([ex["mean"] for ex in examples]))
+    acc.update(np.stack([ex[field] for ex in examples]))
     originals.merge(acc)
     if flip:
       both.merge(acc)
       flipped = latents_lib.MomentAccumulator(shape)
-      flipped.update(np.stack([ex["flipped_mean"] for ex in examples]))
+      flipped.update(np.stack([ex["flipped_" + field] for ex in examples]))
       both.merge(flipped)
   return originals, both
 
@@ -196,6 +215,7 @@ def _finalize(
     "shards": num_shards,
     "bytes": num_bytes,
     "max_bad_fraction": config.max_bad_fraction,
+    "posterior_draw_seed": int(config.seed),
     "skipped": skipped,
   }
   ld._atomic_write_json(os.path.join(folder, REPORT_FILENAME), report)
@@ -208,19 +228,24 @@ def _finalize(
       f"{config.max_bad_fraction}; see {os.path.join(folder, SKIPPED_FILENAME)}. The good shards "
       "are kept: fix the images and use a new output_dir, or rerun with a larger max_bad_fraction."
     )
-  originals, both = _shard_stats(folder, num_shards, features, config.flip)
   common = dict(
-    includes_flipped=False,
     autoencoder=ae.identity,
     weights_hash=ae.weights_hash,
     resolution=int(config.resolution),
     scale_factor=float(ae.scale_factor),
   )
-  stats = latents_lib.LatentStats(**originals.finalize(), **common)
-  flipped = None
-  if both is not None:
-    flipped = latents_lib.LatentStats(**both.finalize(), **dict(common, includes_flipped=True))
-  latents_lib.save_latent_stats(os.path.join(folder, latents_lib.STATS_FILENAME), stats, flipped)
+  blocks = {}
+  for field in latents_lib.STATS_FIELDS:
+    originals, both = _shard_stats(folder, num_shards, features, config.flip, field)
+    blocks[field, False] = latents_lib.LatentStats(
+      **originals.finalize(), **common, includes_flipped=False
+    )
+    if both is not None:
+      blocks[field, True] = latents_lib.LatentStats(
+        **both.finalize(), **common, includes_flipped=True
+      )
+  latents_lib.save_latent_stats(os.path.join(folder, latents_lib.STATS_FILENAME), blocks)
+  stats = blocks["mean", False]
   metadata = {k: v for k, v in report.items() if k != "skipped"}
   metadata.update(
     latent_shape=list(stats.latent_shape), scale_factor=ae.scale_factor, flip=bool(config.flip)

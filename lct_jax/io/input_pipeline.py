@@ -38,9 +38,11 @@ class ReadTrainingBatch(grain.transforms.MapWithIndex):
   The stream is the dataset's examples in a fresh random order each epoch (epoch e: the
   permutation of a generator seeded by (seed, shuffle, e)), epochs back to back; element s of
   process p is chunk j = s*P + p of B/P consecutive positions. The rows are read in one batched
-  call and normalized in one vectorized pass. With `sample_posterior`, the row at global position
-  q becomes mean + std * eps with eps from a generator seeded by (seed, posterior, q): the same
-  draw for any number of processes or workers, and a fresh one for every position of every epoch.
+  call and normalized in one vectorized pass. What a row is (`latent`, config data.latent): the
+  frozen posterior draw the encode job stored ("sample"), the posterior mean ("mean"), or
+  ("fresh") mean + std * eps with eps from a generator seeded by (seed, posterior, q) for the row
+  at global position q: the same draw for any number of processes or workers, and a fresh one for
+  every position of every epoch.
   """
 
   def __init__(
@@ -50,7 +52,7 @@ class ReadTrainingBatch(grain.transforms.MapWithIndex):
     *,
     rows: int,
     sigma_data: float,
-    sample_posterior: bool,
+    latent: str,
     seed: int,
     process_index: int,
     process_count: int,
@@ -59,7 +61,7 @@ class ReadTrainingBatch(grain.transforms.MapWithIndex):
     self.stats = stats
     self.rows = rows
     self.sigma_data = sigma_data
-    self.sample_posterior = sample_posterior
+    self.latent = latent
     self.seed = seed
     self.process_index = process_index
     self.process_count = process_count
@@ -82,9 +84,14 @@ class ReadTrainingBatch(grain.transforms.MapWithIndex):
     for e in np.unique(epochs):
       at = epochs == e
       indices[at] = self.epoch_order(int(e))[offsets[at]]
-    m = self.source.read_moments(indices, with_std=self.sample_posterior)
-    z = m["mean"]
-    if self.sample_posterior:
+    if self.latent == "sample":
+      z = self.source.read_moments(indices, ("sample",))["sample"]
+    else:
+      m = self.source.read_moments(
+        indices, ("mean", "std") if self.latent == "fresh" else ("mean",)
+      )
+      z = m["mean"]
+    if self.latent == "fresh":
       shape = z.shape[1:]
       eps = np.stack(
         [
@@ -104,7 +111,7 @@ def make_loader(
   seed: int,
   sigma_data: float = 0.5,
   use_flipped: bool = False,
-  sample_posterior: bool = False,
+  latent: str = "sample",
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> grain.MapDataset:
@@ -117,7 +124,8 @@ def make_loader(
     seed: shuffle (a new permutation each epoch) and posterior-draw seed.
     sigma_data: target std of the normalized latents.
     use_flipped: also read the h-flipped copies.
-    sample_posterior: a fresh draw mean + std * eps instead of the mean.
+    latent: "sample" (the stored frozen posterior draw), "mean", or "fresh" (mean + std * eps,
+      a new draw at every stream position); `stats` must be over the same (latents.LATENT_MODES).
     process_index: p; defaults to jax.process_index().
     process_count: P; defaults to jax.process_count().
 
@@ -125,15 +133,23 @@ def make_loader(
     An infinite grain MapDataset of {"x": float32 (B/P, H, W, C)}.
 
   Raises:
-    ValueError: naming data.dir / train.global_batch_size for an empty dataset, a global batch
-      larger than the dataset, or one the processes cannot split evenly.
+    ValueError: naming data.dir / train.global_batch_size / data.latent for an empty dataset, a
+      global batch larger than the dataset, one the processes cannot split evenly, or a dataset
+      without the frozen draws that data.latent="sample" reads.
   """
   import tensorflow_datasets as tfds
 
   # Checked before the source opens: array_record refuses a split without examples obscurely.
   if tfds.builder_from_directory(data_dir).info.splits[latent_dataset.SPLIT].num_examples == 0:
     raise ValueError(f"data.dir={data_dir!r} holds no examples: re-run the encode job")
+  if latent not in latents.LATENT_MODES:
+    raise ValueError(f"data.latent={latent!r}: expected one of {', '.join(latents.LATENT_MODES)}")
   source = latent_dataset.LatentMomentsSource(data_dir, use_flipped)
+  if latent == "sample" and not source.has_frozen_sample:
+    raise ValueError(
+      f"data.latent='sample': data.dir={data_dir!r} stores no frozen posterior draws (encoded "
+      "before lct_jax stored one per image); re-encode it, or set data.latent=mean"
+    )
   if global_batch_size > len(source):
     raise ValueError(
       f"train.global_batch_size={global_batch_size} exceeds the {len(source)} examples in "
@@ -150,7 +166,7 @@ def make_loader(
     stats,
     rows=global_batch_size // count,
     sigma_data=sigma_data,
-    sample_posterior=sample_posterior,
+    latent=latent,
     seed=seed,
     process_index=p,
     process_count=count,

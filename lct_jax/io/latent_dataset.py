@@ -12,7 +12,9 @@ and `tfds.builder_from_directory(folder).as_data_source()["train"]` (or `open_la
 reads it with random access, without TensorFlow, for grain. Examples, in source order:
 
   mean, std                 float32 (H, W, C)  posterior moments, raw VAE scale
-  flipped_mean, flipped_std float32 (H, W, C)  same for the h-flipped image (only if encoded)
+  sample                    float32 (H, W, C)  one frozen posterior draw, mean + std * eps
+                                               (method.md §3.0, §9.16; eps: encoding.frozen_eps)
+  flipped_mean, flipped_std, flipped_sample    same for the h-flipped image (only if encoded)
   label                     int64              class label, -1 when the source has none
   id                        text               relative path / source index of the image
   index                     int64              position of the image in the source listing
@@ -37,8 +39,8 @@ SPLIT = "train"
 VERSION = "1.0.0"
 MANIFEST_DIR = "encode_manifests"
 FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
-MOMENT_KEYS = ("mean", "std")
-FLIPPED_KEYS = ("flipped_mean", "flipped_std")
+MOMENT_KEYS = ("mean", "std", "sample")
+FLIPPED_KEYS = tuple("flipped_" + k for k in MOMENT_KEYS)
 
 
 def make_features(latent_shape: Sequence[int], with_flipped: bool) -> Any:
@@ -230,7 +232,7 @@ def open_latent_dataset(folder: str, split: str = SPLIT) -> Any:
 
 
 class LatentMomentsSource:
-  """grain-ready random-access source of training examples: {mean, std, label, index}.
+  """grain-ready random-access source of training examples: {mean, std, sample, label, index}.
 
   With `use_flipped`, indices [0, N) are the originals and [N, 2N) their h-flipped copies (the
   paper's LSUN set), so shuffling mixes both. Picklable (the TFDS source is opened lazily in
@@ -260,10 +262,16 @@ class LatentMomentsSource:
   def latent_shape(self) -> tuple[int, ...]:
     return tuple(self._open().dataset_info.features["mean"].shape)
 
-  def read_moments(self, indices: Sequence[int], with_std: bool) -> dict[str, np.ndarray]:
-    """Rows `indices` stacked: {"mean": float32 (n, H, W, C)} and "std" when `with_std`.
+  @property
+  def has_frozen_sample(self) -> bool:
+    """Whether the encode job stored a frozen posterior draw (datasets from before it did not)."""
+    return "sample" in self._open().dataset_info.features
 
-    The training input pipeline's batched read: it parses only the moments it needs straight from
+  def read_moments(self, indices: Sequence[int], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Rows `indices` stacked: {key: float32 (n, H, W, C)} for each of `keys` ("mean", "std",
+    "sample"; a flipped copy's row holds its flipped_* fields).
+
+    The training input pipeline's batched read: it parses only the fields it needs straight from
     the serialized tf.Example (float lists), which is several times faster than TFDS's generic
     per-example decoding of every field (benchmarks/input_pipeline.py).
     """
@@ -271,7 +279,6 @@ class LatentMomentsSource:
 
     records = self._open().data_source
     shape = self.latent_shape
-    keys = MOMENT_KEYS if with_std else MOMENT_KEYS[:1]
     out = {k: np.empty((len(indices), *shape), np.float32) for k in keys}
     size = int(np.prod(shape))
     for row, i in enumerate(indices):
@@ -295,9 +302,10 @@ class LatentMomentsSource:
     flipped = i >= self.num_examples
     ex = self._open()[i - self.num_examples if flipped else i]
     prefix = "flipped_" if flipped else ""
-    return dict(
-      mean=ex[prefix + "mean"], std=ex[prefix + "std"], label=ex["label"], index=np.int64(i)
-    )
+    moments = {
+      k: ex[prefix + k] for k in MOMENT_KEYS if prefix + k in ex
+    }  # no "sample" in old sets
+    return dict(moments, label=ex["label"], index=np.int64(i))
 
   def __getstate__(self) -> dict[str, Any]:
     return dict(self.__dict__, _source=None)

@@ -1,12 +1,13 @@
 """Dataset-level latent statistics and the normalization of method.md section 3.0, in one place.
 
-What the statistics are computed over (a decision, see method.md §3.0 and §9.16): the posterior
-MEANS stored by the encode job, in raw VAE scale (no 0.18215 factor), per ELEMENT of the (H, W, C)
-latent over every stored example, with the unbiased std (ddof = 1, as torch.std_mean). The
-paper's code used one frozen posterior draw per image instead; the mean is our training default
-(`data.sample_posterior = False`) and the draw's statistics differ only by the small posterior
-std. When the dataset stores h-flipped copies, a second set is computed over originals + flips
-(the paper's LSUN training set); training with `data.use_flipped` picks that one.
+What the statistics are computed over (method.md §3.0 and §9.16): the latents training reads,
+in raw VAE scale (no 0.18215 factor), per ELEMENT of the (H, W, C) latent over every stored
+example, with the unbiased std (ddof = 1, as torch.std_mean). The encode job stores, per image,
+the posterior mean and std and ONE frozen posterior draw (as the paper's code cached one draw per
+image), and writes statistics over the draws (the default, `data.latent = "sample"`) and over the
+means (`data.latent = "mean"`, also used by `"fresh"`, a new draw each step). When the dataset
+stores h-flipped copies, a second set of each is computed over originals + flips (the paper's
+LSUN training set); training with `data.use_flipped` picks that one.
 
   x      = (z_raw - mean) / std * sigma_data           (normalize; sigma_data = 0.5)
   z_raw  = x / sigma_data * std + mean                  (denormalize, before VAE decoding)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -43,7 +45,7 @@ class LatentStats:
   """Per-element statistics of a latent dataset, and what produced it.
 
   Attributes:
-    mean: float64 (H, W, C), per-element mean of the raw-scale posterior means.
+    mean: float64 (H, W, C), per-element mean of the raw-scale latents (posterior means or frozen draws).
     std: float64 (H, W, C), per-element unbiased std.
     channel_mean: per-channel mean over examples and positions (for reports).
     channel_std: per-channel unbiased std over examples and positions.
@@ -141,18 +143,30 @@ def _stats_block(stats: LatentStats) -> dict[str, Any]:
   }
 
 
-def save_latent_stats(
-  path: str, stats: LatentStats, flipped_stats: LatentStats | None = None
-) -> None:
+# The stored fields statistics are computed over, and which of them each `data.latent` mode
+# normalizes with: the frozen draw with the draws' statistics, the mean with the means'; a fresh
+# draw per step keeps the means' statistics it always had (its draws' statistics differ from them
+# by the posterior std only, and datasets written before the frozen draw have no others).
+STATS_FIELDS = ("mean", "sample")
+LATENT_MODES = {"sample": "sample", "mean": "mean", "fresh": "mean"}
+
+
+def _block_key(field: str, flipped: bool) -> str:
+  """The JSON block of a field's statistics ("originals" / "with_flipped" hold the means')."""
+  return ("" if field == "mean" else field + "_") + ("with_flipped" if flipped else "originals")
+
+
+def save_latent_stats(path: str, blocks: Mapping[tuple[str, bool], LatentStats]) -> None:
   """Writes `latent_stats.json` atomically (temporary file, then rename).
 
   Args:
     path: the JSON file, or a folder (the file is then `folder/latent_stats.json`).
-    stats: the statistics over the original images.
-    flipped_stats: optional statistics over originals + h-flipped copies (same metadata).
+    blocks: (field, over originals + flipped copies) -> statistics, for field in STATS_FIELDS;
+      ("mean", False) is required, every block has the same metadata.
   """
   if os.path.isdir(path):
     path = os.path.join(path, STATS_FILENAME)
+  stats = blocks["mean", False]
   doc = {
     "format": FORMAT,
     "autoencoder": stats.autoencoder,
@@ -161,25 +175,29 @@ def save_latent_stats(
     "scale_factor": stats.scale_factor,
     "latent_shape": list(stats.latent_shape),
     "layout": "(H, W, C) per element, raw VAE scale",
-    "computed_over": "posterior means of the stored moments; unbiased std (ddof=1)",
+    "computed_over": "originals/with_flipped: the stored posterior means; sample_*: the stored "
+    "frozen posterior draws; unbiased std (ddof=1)",
     "std_floor": stats.std_floor,
-    "originals": _stats_block(stats),
   }
-  if flipped_stats is not None:
-    doc["with_flipped"] = _stats_block(flipped_stats)
+  for (field, flipped), block in blocks.items():
+    if field not in STATS_FIELDS:
+      raise ValueError(f"statistics over {field!r}: expected one of {STATS_FIELDS}")
+    doc[_block_key(field, flipped)] = _stats_block(block)
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(doc, f)
   os.replace(tmp, path)
 
 
-def load_latent_stats(path: str, *, use_flipped: bool = False) -> LatentStats:
+def load_latent_stats(path: str, *, use_flipped: bool = False, latent: str = "mean") -> LatentStats:
   """Reads `latent_stats.json`.
 
   Args:
     path: the JSON file or the dataset folder holding it.
     use_flipped: return the statistics over originals + flipped copies (config
       `data.use_flipped`); an error if the dataset has none.
+    latent: what training reads (config `data.latent`, LATENT_MODES): "sample" gives the
+      statistics of the stored frozen draws, "mean" and "fresh" those of the means.
 
   Returns:
     The statistics.
@@ -191,11 +209,20 @@ def load_latent_stats(path: str, *, use_flipped: bool = False) -> LatentStats:
       f"{path} not found: it is written by the encode job (python -m lct_jax.encode) beside the "
       "shards once every shard exists; check data.dir"
     )
+  if latent not in LATENT_MODES:
+    raise ValueError(f"data.latent={latent!r}: expected one of {', '.join(LATENT_MODES)}")
   with open(path) as f:
     doc = json.load(f)
   if doc.get("format") != FORMAT:
     raise ValueError(f"{path}: unknown format {doc.get('format')!r}, expected {FORMAT!r}")
-  key = "with_flipped" if use_flipped else "originals"
+  field = LATENT_MODES[latent]
+  if _block_key(field, False) not in doc:
+    raise ValueError(
+      f"data.latent={latent!r}: {path} has no statistics over frozen posterior draws (the "
+      "dataset was encoded before lct_jax stored one per image); re-encode it, or set "
+      "data.latent=mean to train on the posterior means"
+    )
+  key = _block_key(field, use_flipped)
   if key not in doc:
     raise ValueError(
       f"{path} has no statistics over flipped copies: the dataset was encoded without flips; "

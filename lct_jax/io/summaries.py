@@ -7,6 +7,7 @@ refused with the differing keys named), and uint8 image grids saved as PNG and t
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -56,7 +57,7 @@ def check_workdir(
   workdir: str,
   config: ml_collections.ConfigDict,
   has_checkpoints: bool,
-  later_keys: dict[str, Any] | None = None,
+  upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> None:
   """Refuses to resume checkpoints that another config wrote.
 
@@ -64,8 +65,8 @@ def check_workdir(
     workdir: the run's folder (its config.json is compared).
     config: the config of this job.
     has_checkpoints: whether there is anything to resume; without it nothing is checked.
-    later_keys: keys added after some runs were written, with the value those runs had; a key
-      missing from config.json counts as that value (config_lib.LATER_KEYS).
+    upgrade: rewrites an older run's flattened config.json in the current keys (keys added or
+      renamed since, config_lib.upgrade_saved_config) before the comparison.
 
   Raises:
     ValueError: naming each differing key with both values; nothing in the workdir is touched.
@@ -74,7 +75,9 @@ def check_workdir(
   if not (has_checkpoints and os.path.exists(path)):
     return
   with open(path) as f:
-    old = dict(later_keys or {}, **_flatten(json.load(f)))
+    old = _flatten(json.load(f))
+  if upgrade is not None:
+    old = upgrade(old)
   new = flat_config(config)
   diffs = [
     f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
