@@ -30,6 +30,8 @@ from lct_jax.io import latent_dataset, latents
 # Separate generator streams for the epoch shuffles and the posterior draws (seeded by the
 # epoch and by the stream position, which would otherwise coincide for small numbers).
 _SHUFFLE, _POSTERIOR = 0, 1
+# The stored fields each data.latent mode reads; the first is the row (before a fresh draw).
+_FIELDS = {"sample": ("sample",), "mean": ("mean",), "fresh": ("mean", "std")}
 
 
 class ReadTrainingBatch(grain.transforms.MapWithIndex):
@@ -84,13 +86,9 @@ class ReadTrainingBatch(grain.transforms.MapWithIndex):
     for e in np.unique(epochs):
       at = epochs == e
       indices[at] = self.epoch_order(int(e))[offsets[at]]
-    if self.latent == "sample":
-      z = self.source.read_moments(indices, ("sample",))["sample"]
-    else:
-      m = self.source.read_moments(
-        indices, ("mean", "std") if self.latent == "fresh" else ("mean",)
-      )
-      z = m["mean"]
+    keys = _FIELDS[self.latent]
+    m = self.source.read_moments(indices, keys)
+    z = m[keys[0]]
     if self.latent == "fresh":
       shape = z.shape[1:]
       eps = np.stack(
