@@ -167,27 +167,30 @@ def _encode_shard(
   return stop - start, len(skipped), num_bytes
 
 
-def _shard_stats(
-  folder: str, num_shards: int, features: Any, flip: bool, field: str
-) -> tuple[Any, Any]:
-  """Moments of the stored `field` ("mean" or "sample") over the originals, and over originals +
-  flipped copies when `flip`."""
+def _shard_stats(folder: str, num_shards: int, features: Any, flip: bool) -> dict[Any, Any]:
+  """Moments of each stored field of latents_lib.STATS_FIELDS, in one pass over the shards:
+  (field, False) over the originals and, when `flip`, (field, True) over originals + flips."""
   shape = features["mean"].shape
-  originals = latents_lib.MomentAccumulator(shape)
-  both = latents_lib.MomentAccumulator(shape) if flip else None
+  keys = [
+    (f, flipped)
+    for f in latents_lib.STATS_FIELDS
+    for flipped in ((False, True) if flip else (False,))
+  ]
+  total = {key: latents_lib.MomentAccumulator(shape) for key in keys}
   for shard in range(num_shards):
     examples = list(ld.read_shard(folder, shard, num_shards, features))
     if not examples:
       continue
-    acc = latents_lib.MomentAccumulator(shape)
-    acc.update(np.stack([ex[field] for ex in examples]))
-    originals.merge(acc)
-    if flip:
-      both.merge(acc)
-      flipped = latents_lib.MomentAccumulator(shape)
-      flipped.update(np.stack([ex["flipped_" + field] for ex in examples]))
-      both.merge(flipped)
-  return originals, both
+    for field in latents_lib.STATS_FIELDS:
+      acc = latents_lib.MomentAccumulator(shape)
+      acc.update(np.stack([ex[field] for ex in examples]))
+      total[field, False].merge(acc)
+      if flip:
+        total[field, True].merge(acc)
+        flipped = latents_lib.MomentAccumulator(shape)
+        flipped.update(np.stack([ex["flipped_" + field] for ex in examples]))
+        total[field, True].merge(flipped)
+  return total
 
 
 def _finalize(
@@ -234,16 +237,10 @@ def _finalize(
     resolution=int(config.resolution),
     scale_factor=float(ae.scale_factor),
   )
-  blocks = {}
-  for field in latents_lib.STATS_FIELDS:
-    originals, both = _shard_stats(folder, num_shards, features, config.flip, field)
-    blocks[field, False] = latents_lib.LatentStats(
-      **originals.finalize(), **common, includes_flipped=False
-    )
-    if both is not None:
-      blocks[field, True] = latents_lib.LatentStats(
-        **both.finalize(), **common, includes_flipped=True
-      )
+  blocks = {
+    (field, flipped): latents_lib.LatentStats(**acc.finalize(), **common, includes_flipped=flipped)
+    for (field, flipped), acc in _shard_stats(folder, num_shards, features, config.flip).items()
+  }
   latents_lib.save_latent_stats(os.path.join(folder, latents_lib.STATS_FILENAME), blocks)
   stats = blocks["mean", False]
   metadata = {k: v for k, v in report.items() if k != "skipped"}

@@ -302,9 +302,8 @@ class LatentMomentsSource:
     flipped = i >= self.num_examples
     ex = self._open()[i - self.num_examples if flipped else i]
     prefix = "flipped_" if flipped else ""
-    moments = {
-      k: ex[prefix + k] for k in MOMENT_KEYS if prefix + k in ex
-    }  # no "sample" in old sets
+    # Datasets encoded before the frozen draw have no "sample".
+    moments = {k: ex[prefix + k] for k in MOMENT_KEYS if prefix + k in ex}
     return dict(moments, label=ex["label"], index=np.int64(i))
 
   def __getstate__(self) -> dict[str, Any]:
