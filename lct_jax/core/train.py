@@ -169,7 +169,7 @@ def _state_initializer(model, tx, example_shape) -> Callable[[jax.Array], TrainS
   return init
 
 
-def _step_noise(key: jax.Array, step: jax.Array, shape, data_sharding) -> tuple[jax.Array, tuple]:
+def step_noise(key: jax.Array, step: jax.Array, shape, data_sharding) -> tuple[jax.Array, tuple]:
   """The uncoupled noise of step `step` and the step's other keys (index, OT, dropout).
 
   All randomness of a step comes from fold_in(key, step), so the noise can also be drawn outside
@@ -208,7 +208,7 @@ def make_coupling_cost(
 
   def cost(key, step, x):
     x = x.astype(jnp.float32)
-    noise, _ = _step_noise(key, step, x.shape, data_sharding)
+    noise, _ = step_noise(key, step, x.shape, data_sharding)
     if ot_cfg.scope == "global":
       return jax.lax.with_sharding_constraint(ot.method_cost(x, noise, ot_cfg), replicated)
     blocks = jax.shard_map(
@@ -260,7 +260,7 @@ def make_train_step(
   def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     x = batch["x"].astype(jnp.float32)
     batch_size = x.shape[0]
-    noise, (k_index, k_ot, k_dropout) = _step_noise(state.key, state.step, x.shape, data_sharding)
+    noise, (k_index, k_ot, k_dropout) = step_noise(state.key, state.step, x.shape, data_sharding)
 
     n_scales = curriculum.num_scales(state.step, cfg)
     c = curriculum.scale_c(n_scales, cfg)
