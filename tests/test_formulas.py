@@ -68,6 +68,12 @@ def test_boundary_condition_is_exact():
 
   out = karras.consistency_fn(net, x, jnp.full((3,), 0.002), NOISE)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+  # ... and at the last point of every grid the curriculum uses (the teacher of i = N - 2).
+  for n in (11, 21, 41, 81, 161, 321, 641):
+    last = karras.karras_sigma(jnp.full((3,), n - 1), n, NOISE)
+    assert np.all(np.asarray(last) == np.float32(0.002)), n
+    out = karras.consistency_fn(net, x, last, NOISE)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
 
 
 def test_consistency_fn_formula():

@@ -31,13 +31,17 @@ def karras_sigma(i: jax.Array, num_scales: jax.Array, cfg: NoiseConfig) -> jax.A
     cfg: noise constants.
 
   Returns:
-    (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, float32.
+    (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, float32; exactly
+    sigma_min at i = N - 1 (the formula gives 0.0019999996 there in float32, and with it a
+    nonzero c_out: the boundary condition f(x, sigma_min) = x would not hold on the grid).
   """
   inv_rho = 1.0 / cfg.rho
   hi = cfg.sigma_max**inv_rho
   lo = cfg.sigma_min**inv_rho
-  frac = jnp.asarray(i, jnp.float32) / (jnp.asarray(num_scales, jnp.float32) - 1.0)
-  return (hi + frac * (lo - hi)) ** cfg.rho
+  i = jnp.asarray(i, jnp.float32)
+  last = jnp.asarray(num_scales, jnp.float32) - 1.0
+  sigma = (hi + i / last * (lo - hi)) ** cfg.rho
+  return jnp.where(i == last, jnp.float32(cfg.sigma_min), sigma)
 
 
 def scalings(sigma: jax.Array, cfg: NoiseConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
