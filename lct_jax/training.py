@@ -117,8 +117,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     sigma_data=config.data.sigma_data,
     use_flipped=config.data.use_flipped,
     latent=config.data.latent,
+    num_examples=config.data.num_examples if config.train.total_steps <= 0 else None,
   )
   batches = input_pipeline.GlobalBatches(loader, mesh, worker_count=config.data.worker_count)
+  epoch_examples = len(latent_dataset.LatentMomentsSource(data_dir, config.data.use_flipped))
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(
@@ -140,13 +142,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
       state = trainer.init_state(jax.random.PRNGKey(config.seed))
     if trainer.coupling_cost is not None:
       batches = coupling.HostCoupledBatches(batches, trainer.coupling_cost, state.key, mesh)
-    _loop(config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh)
+    _loop(
+      config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh, epoch_examples
+    )
   finally:
     ckpt.close()
     batches.close()
 
 
-def _loop(config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh) -> None:
+def _loop(
+  config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh, epoch_examples
+) -> None:
   start = int(jax.device_get(state.step))
   log_every = max(1, config.train.log_every_steps)
   sample_every = config.train.sample_every_steps
@@ -179,6 +185,10 @@ def _loop(config, workdir, trainer, state, batches, ckpt, writer, stats, total, 
       scalars["img_per_s"] = (step - last_step) * config.train.global_batch_size / elapsed
       scalars["data_wait_s_per_step"] = (batches.wait_s - last_wait) / (step - last_step)
       scalars["data_wait_fraction"] = (batches.wait_s - last_wait) / elapsed
+      # Epochs in both units (method.md 9.8): over the training examples, flipped copies included
+      # (the unit of K), and over the distinct images.
+      scalars["epoch"] = step * config.train.global_batch_size / epoch_examples
+      scalars["epoch_images"] = scalars["epoch"] * (2 if config.data.use_flipped else 1)
       writer.write_scalars(step, scalars)
       last_t, last_wait, last_step = now, batches.wait_s, step
       streak = int(jax.device_get(state.nonfinite_streak))

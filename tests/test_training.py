@@ -452,6 +452,8 @@ SCALAR_TAGS = (
   "diff_fraction",
   "img_per_s",
   "data_wait_fraction",
+  "epoch",
+  "epoch_images",
   "steps_per_sec",
 )
 
@@ -502,6 +504,9 @@ def test_event_files_config_json_and_sample_grid(straight):
     assert 0 <= float(events["diff_fraction"][step]) <= 1
     assert 0 <= float(events["data_wait_fraction"][step]) <= 1
     assert float(events["img_per_s"][step]) > 0
+    # 16 of the 96 examples per step, no flipped copies: both units agree.
+    np.testing.assert_allclose(float(events["epoch"][step]), step * 16 / 96, rtol=1e-6)
+    np.testing.assert_allclose(float(events["epoch_images"][step]), step * 16 / 96, rtol=1e-6)
   assert set(events["loss"]) == set(range(1, STEPS + 1))
   assert events["steps_per_sec"] and all(float(v) > 0 for v in events["steps_per_sec"].values())
 
@@ -644,6 +649,11 @@ BAD_INPUTS = {
   "empty_data_dir": ({"data.dir": "EMPTY_DIR"}, "holds no finished latent dataset"),
   "batch_too_large": ({"train.global_batch_size": 128}, "train.global_batch_size=128"),
   "missing_data_dir": ({"data.dir": "MISSING"}, "data.dir"),
+  # K from the epochs: data.num_examples must be the dataset's length (96 here).
+  "num_examples_not_the_data": (
+    {"data.num_examples": 100, "train.total_steps": -1},
+    "data.num_examples=100, but data.dir=",
+  ),
 }
 
 

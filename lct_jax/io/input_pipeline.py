@@ -110,6 +110,7 @@ def make_loader(
   sigma_data: float = 0.5,
   use_flipped: bool = False,
   latent: str = "sample",
+  num_examples: int | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> grain.MapDataset:
@@ -124,6 +125,9 @@ def make_loader(
     use_flipped: also read the h-flipped copies.
     latent: "sample" (the stored frozen posterior draw), "mean", or "fresh" (mean + std * eps,
       a new draw at every stream position); `stats` must be over the same (latents.LATENT_MODES).
+    num_examples: the epoch length the curriculum's K was computed from (data.num_examples,
+      method.md 2.2: K = floor(len(dataset) / B) * epochs); must equal the dataset's length
+      (originals and flips with use_flipped). None skips the check (K given directly).
     process_index: p; defaults to jax.process_index().
     process_count: P; defaults to jax.process_count().
 
@@ -131,9 +135,10 @@ def make_loader(
     An infinite grain MapDataset of {"x": float32 (B/P, H, W, C)}.
 
   Raises:
-    ValueError: naming data.dir / train.global_batch_size / data.latent for an empty dataset, a
-      global batch larger than the dataset, one the processes cannot split evenly, or a dataset
-      without the frozen draws that data.latent="sample" reads.
+    ValueError: naming data.dir / train.global_batch_size / data.latent / data.num_examples for
+      an empty dataset, a global batch larger than the dataset, one the processes cannot split
+      evenly, a dataset without the frozen draws that data.latent="sample" reads, or one whose
+      length is not data.num_examples.
   """
   import tensorflow_datasets as tfds
 
@@ -147,6 +152,14 @@ def make_loader(
     raise ValueError(
       f"data.latent='sample': data.dir={data_dir!r} stores no frozen posterior draws (encoded "
       "before lct_jax stored one per image); re-encode it, or set data.latent=mean"
+    )
+  if num_examples is not None and num_examples != len(source):
+    flips = " (originals and their flips: data.use_flipped=True)" if use_flipped else ""
+    raise ValueError(
+      f"data.num_examples={num_examples}, but data.dir={data_dir!r} holds {len(source)} training "
+      f"examples{flips}; the curriculum's total steps K = floor(data.num_examples / "
+      "train.global_batch_size) * train.num_epochs count epochs of the data: set "
+      f"data.num_examples={len(source)}, or give K as train.total_steps"
     )
   if global_batch_size > len(source):
     raise ValueError(
