@@ -4,12 +4,13 @@ K = floor(27,000 / 128) * 1400 = 294,000 steps, 7 curriculum stages of 42,000.
 """
 
 from configs import default
+from configs.encode import celebahq as encode
 
 
 def get_config():
   config = default.get_config()
   config.data.name = "celebahq"
-  config.data.dir = "data/celebahq_sdvae"
+  config.data.dir = encode.get_config().output_dir  # where configs/encode/celebahq.py writes
   config.data.num_examples = 27_000
   config.train.global_batch_size = 128
   config.train.num_epochs = 1400

@@ -5,12 +5,13 @@ K = floor(240,000 / 256) * 1800 = 1,686,600 steps (method.md section 9 item 8).
 """
 
 from configs import default
+from configs.encode import lsun_church as encode
 
 
 def get_config():
   config = default.get_config()
   config.data.name = "lsun_church"
-  config.data.dir = "data/lsun_church_sdvae"
+  config.data.dir = encode.get_config().output_dir  # where configs/encode/lsun_church.py writes
   config.data.num_examples = 240_000
   config.data.use_flipped = True
   config.train.global_batch_size = 256

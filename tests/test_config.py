@@ -1,5 +1,6 @@
 """Config validation (one-line errors naming the key), presets, and the two tools."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -55,6 +56,19 @@ def test_presets_validate_and_match_the_paper():
     base.ot.method,
     base.model.final_norm,
   ) == ("pseudo_huber", "constant", 0.0, "none", "group")
+
+
+@pytest.mark.parametrize(
+  "preset,images", [(ffhq, 70_000), (celebahq, 27_000), (lsun_church, 120_000)]
+)
+def test_dataset_presets_train_on_what_their_encode_configs_write(preset, images):
+  """method.md 5.2 / 9.7: FFHQ all 70,000, CelebA-HQ 27,000, LSUN Church 120,000 + their flips."""
+  config = preset.get_config()
+  encode = importlib.import_module(f"configs.encode.{config.data.name}").get_config()
+  assert config.data.dir == encode.output_dir
+  assert config.data.use_flipped == encode.flip == (preset is lsun_church)
+  assert encode.max_examples in (images, -1)  # -1: the whole source
+  assert config.data.num_examples == images * (2 if encode.flip else 1)
 
 
 def test_ablation_chain_adds_one_component_at_a_time():
