@@ -127,6 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
   # required when pr_features is "vgg16".
   ev.vgg16_weights = ""
   ev.jpeg = True  # also score after a JPEG quality-75 round trip (the paper's protocol, 9.9)
+  ev.best_of_last = 5  # summary.json: the best FID among the last N scored checkpoints (9.10)
   ev.export = ""  # "" | "png" | "npz" (arr_0 uint8 NHWC + indices): also write the samples
   ev.checkpoint_step = -1  # -1: the newest checkpoint (--follow evaluates every checkpoint)
   ev.inception_weights = ""  # converted FID Inception .npz; "": $LCT_JAX_FID_WEIGHTS or cache

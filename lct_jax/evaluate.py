@@ -1,9 +1,10 @@
 """The eval binary: `python -m lct_jax.evaluate --config=<training config> --workdir=DIR`.
 
 Scores the newest checkpoint of the run in DIR (or `--config.eval.checkpoint_step=N`), or with
-`--follow` every checkpoint as training writes it, until its final step. Results go to DIR/eval;
-rerunning after a kill skips what is finished. Flags are parsed here and nowhere else; the work is
-`lct_jax.evaluation.evaluate`.
+`--follow` every checkpoint as training writes it, until its final step. Results go to DIR/eval,
+with DIR/eval/summary.json (per run: the final checkpoint's FID and the best of the last
+eval.best_of_last); rerunning after a kill skips what is finished with the current settings. Flags
+are parsed here and nowhere else; the work is `lct_jax.evaluation.evaluate`.
 """
 
 import json

@@ -10,9 +10,13 @@ the run's autoencoder to uint8, and choosing which (checkpoint, run) to score ne
   step_00010000/nfe1_grid.png                     the first eval.grid_samples samples
   step_00010000/nfe1_samples/ or nfe1_samples.npz optional export (eval.export)
   events.out.tfevents...                          clu scalars at the checkpoint's step
+  summary.json                                    final and best-of-last-N FIDs per run
 
 A result JSON is written atomically and last, so it is the done marker: a killed evaluation
-rerun (or `--follow` restarted) skips every (checkpoint, run) whose JSON exists. Sample i draws
+rerun (or `--follow` restarted) skips every (checkpoint, run) whose JSON exists; one made with
+other settings (scoring.SETTINGS_KEYS and the sampler's) is an error, never overwritten. After each checkpoint, summary.json is rewritten from the current results (method.md
+§9.10): per run and FID variant, the newest scored checkpoint's FID and the lowest FID among the
+last eval.best_of_last scored checkpoints, with their steps. Sample i draws
 its noise from fold_in(PRNGKey(eval.seed), i) and every stage is per-sample, so the image set does
 not depend on the device count, process count or batch size. Multi-host: each global batch of
 indices is sharded over all devices, every process handles the rows on its own devices; process 0
@@ -22,7 +26,6 @@ decides which checkpoint comes next and writes the files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -36,6 +39,7 @@ from jax.experimental import multihost_utils
 from lct_jax import config_lib, scoring
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.core import sampling, train
+from lct_jax.fid import npz_io
 from lct_jax.io import autoencoder as ae_lib
 from lct_jax.io import checkpoint, latents
 
@@ -63,6 +67,9 @@ class Run:
     return dict(nfe=self.nfe, sigma_mid=sigma_mid, sigma_mids=list(self.sigma_mids))
 
 
+SUMMARY_FILENAME = "summary.json"
+
+
 def runs_of(config: ml_collections.ConfigDict) -> list[Run]:
   """1 step, then 2 steps for each intermediate sigma of eval.sigma_mid (a sweep)."""
   return [Run()] + [Run((float(s),)) for s in config.eval.sigma_mid]
@@ -83,6 +90,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("eval.grid_samples", ev.grid_samples, "must be >= 0 (0: no grid)")
   if ev.precision_recall and not 1 <= ev.pr_k < ev.num_samples:
     _fail("eval.pr_k", ev.pr_k, f"must lie in [1, eval.num_samples={ev.num_samples})")
+  if ev.best_of_last < 1:
+    _fail("eval.best_of_last", ev.best_of_last, "must be >= 1 (the final checkpoint alone: 1)")
   if ev.export not in scoring.EXPORTS:
     _fail("eval.export", ev.export, f"expected one of {scoring.EXPORTS}")
   if ev.pr_features not in scoring.PR_FEATURES:
@@ -248,13 +257,6 @@ def abstract_ema(config: ml_collections.ConfigDict, model: Any, mesh: jax.shardi
   return {"ema_params": state.ema_params, "step": state.step}
 
 
-def _load_result(path: str) -> dict[str, Any] | None:
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 @dataclasses.dataclass
 class _Job:
   """Everything the checkpoint loop needs: scorer, samplers, checkpoint reader, runs."""
@@ -267,9 +269,11 @@ class _Job:
 
 
 def evaluate_step(job: _Job, step: int) -> list[dict[str, Any]]:
-  """Scores every run of checkpoint `step` that has no result yet; returns all its results."""
+  """Scores every run of checkpoint `step` that has no result yet, rewrites the summary; returns
+  all the checkpoint's results."""
   scorer, pid = job.scorer, jax.process_index()
-  done = _broadcast([int(scorer.is_done(step, r.name)) if pid == 0 else 0 for r in job.runs])
+  done = [int(scorer.is_done(step, r.name, r.fields())) if pid == 0 else 0 for r in job.runs]
+  done = _broadcast(done)
   results: list[dict[str, Any]] = []
   if not all(done):
     restored = job.reader.restore_fields(step, job.abstract)
@@ -280,18 +284,82 @@ def evaluate_step(job: _Job, step: int) -> list[dict[str, Any]]:
     path = scorer.result_path(step, run.name)
     if d:
       logging.info("step %d %s: already evaluated (%s)", step, run.name, path)
-      results.append(_load_result(path))
+      results.append(scoring.load_result(path))
       continue
     generator = job.samplers.generator(run)
     generate = lambda indices, g=generator: g(params, indices)  # noqa: E731
     results.append(scorer.score(step, run.name, generate, run.fields()))
     if scorer.config.eval.pause_after_result_s > 0:
       time.sleep(scorer.config.eval.pause_after_result_s)
+  write_summary(scorer, job.runs)
   return results
 
 
 def _pending(job: _Job, steps: list[int]) -> list[int]:
-  return [s for s in steps if not all(job.scorer.is_done(s, r.name) for r in job.runs)]
+  return [s for s in steps if not all(job.scorer.is_done(s, r.name, r.fields()) for r in job.runs)]
+
+
+def summarize(
+  results: dict[str, dict[int, dict[str, Any]]], best_of_last: int
+) -> dict[str, dict[str, Any]]:
+  """Checkpoint selection (method.md §9.10): the final checkpoint, and the best of the last N.
+
+  Args:
+    results: run name -> step -> result (as written to the JSON files).
+    best_of_last: N.
+
+  Returns:
+    "run/fid" and "run/fid_jpeg_q75" (for the variants the results hold) -> {"final_step",
+    "final": its FID, "best_step", "best": the lowest FID among the last N scored checkpoints
+    (ties: the later step), "last_steps": those N steps}. The final step is the newest scored one.
+  """
+  out = {}
+  for name, by_step in results.items():
+    for metric in scoring.FID_KEYS:
+      steps = [s for s, r in sorted(by_step.items()) if r.get(metric) is not None]
+      if not steps:
+        continue
+      last = steps[-best_of_last:]
+      best = min(reversed(last), key=lambda s: by_step[s][metric])
+      out[f"{name}/{metric}"] = dict(
+        final_step=last[-1],
+        final=by_step[last[-1]][metric],
+        best_step=best,
+        best=by_step[best][metric],
+        last_steps=last,
+      )
+  return out
+
+
+def write_summary(scorer: scoring.Scorer, runs: list[Run]) -> dict[str, Any] | None:
+  """Writes and logs workdir/eval/summary.json from the results made with the current settings
+  (process 0; other processes return None).
+
+  Returns:
+    {"best_of_last": N, "training_final_step": K, "metrics": `summarize`'s}.
+  """
+  if jax.process_index() != 0:
+    return None
+  n = scorer.config.eval.best_of_last
+  results = {r.name: scorer.current_results(r.name, r.fields()) for r in runs}
+  metrics = summarize(results, n)
+  summary = dict(
+    best_of_last=n, training_final_step=config_lib.total_steps(scorer.config), metrics=metrics
+  )
+  path = os.path.join(scorer.workdir, "eval", SUMMARY_FILENAME)
+  npz_io.save_json_atomic(path, summary)
+  for key, m in metrics.items():
+    logging.info(
+      "%s: final %.4f (step %d), best of last %d %.4f (step %d)",
+      key,
+      m["final"],
+      m["final_step"],
+      n,
+      m["best"],
+      m["best_step"],
+    )
+  logging.info("Summary: %s", path)
+  return summary
 
 
 def follow_run(job: _Job) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import glob
 import json
 import os
 import time
@@ -40,11 +41,17 @@ from lct_jax.tools import fid_stats
 FORMAT = "lct_jax/eval/v1"
 EXPORTS = ("", "png", "npz")
 PR_FEATURES = fid_stats.PR_FEATURES  # ("inception", "vgg16")
-# Result fields that must agree for an existing JSON to count as done for the current settings.
+FID_KEYS = ("fid", "fid_jpeg_q75")  # a result's FIDs: of the PNG images and after JPEG q75
+# Result fields that must agree for an existing JSON to count as done for the current settings
+# (with the sampler's fields, `Run.fields`); a result that differs or lacks one is refused.
 SETTINGS_KEYS = (
   "num_samples",
   "seed",
   "jpeg",
+  "model_dtype",
+  "data_latent",
+  "data_use_flipped",
+  "latent_stats_sha256",
   "inception_weights_sha256",
   "autoencoder_weights_sha256",
   "reference_stats_sha256",
@@ -63,6 +70,14 @@ def local_rows(x: jax.Array) -> list[tuple[int, np.ndarray]]:
     if start not in rows:
       rows[start] = np.asarray(shard.data)
   return sorted(rows.items())
+
+
+def load_result(path: str) -> dict[str, Any] | None:
+  """A result JSON, or None when there is none."""
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def _summaries() -> Any:
@@ -134,24 +149,39 @@ class Scorer:
   def result_path(self, step: int, name: str) -> str:
     return os.path.join(self.out_dir(step), f"{name}.json")
 
-  def is_done(self, step: int, name: str) -> bool:
-    """Whether the result exists; one made with other settings is an error, never overwritten."""
-    path = self.result_path(step, name)
-    if not os.path.isfile(path):
-      return False
-    with open(path) as f:
-      old = json.load(f)
-    diffs = [
-      f"{k}: {old.get(k)!r} -> {self.provenance.get(k)!r}"
-      for k in SETTINGS_KEYS
-      if old.get(k) != self.provenance.get(k)
+  def settings_diffs(self, result: Mapping[str, Any], fields: Mapping[str, Any]) -> list[str]:
+    """How a result's settings (SETTINGS_KEYS, the sampler's `fields`) differ from the current
+    ones, "key: old -> new" each ("missing" for a result written before the key was recorded)."""
+    want = {**{k: self.provenance.get(k) for k in SETTINGS_KEYS}, **fields}
+    return [
+      f"{k}: {repr(result[k]) if k in result else 'missing'} -> {v!r}"
+      for k, v in want.items()
+      if k not in result or result[k] != v
     ]
+
+  def is_done(self, step: int, name: str, fields: Mapping[str, Any]) -> bool:
+    """Whether the result exists; one made with other settings (or before a setting was
+    recorded) is an error, never overwritten."""
+    path = self.result_path(step, name)
+    result = load_result(path)
+    if result is None:
+      return False
+    diffs = self.settings_diffs(result, fields)
     if diffs:
       raise ValueError(
         f"{path} was made with other eval settings ({'; '.join(diffs)}); move workdir/eval "
         "away or evaluate with the original settings"
       )
     return True
+
+  def current_results(self, name: str, fields: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """step -> result of run `name` for every checkpoint scored with the current settings."""
+    out = {}
+    for path in glob.glob(os.path.join(self.workdir, "eval", "step_*", f"{name}.json")):
+      result = load_result(path)
+      if not self.settings_diffs(result, fields):
+        out[int(result["step"])] = result
+    return dict(sorted(out.items()))
 
   def _stream(
     self, step: int, name: str, generate: GenerateFn
@@ -322,6 +352,7 @@ def build_scorer(
         f"config.eval.reference_features={feats_path!r}: needs more than eval.pr_k={ev.pr_k} images"
       )
   devices = jax.devices()
+  latent_stats = absolute(os.path.join(config.data.dir, latents.STATS_FILENAME))
   provenance = dict(
     format=FORMAT,
     workdir=os.path.abspath(workdir),
@@ -341,9 +372,14 @@ def build_scorer(
     vgg16_resize=pr_model.resize if pr_model else None,
     autoencoder=ae.identity,
     autoencoder_weights_sha256=ae.weights_hash,
-    latent_stats=os.path.abspath(
-      os.path.join(os.path.expanduser(config.data.dir), latents.STATS_FILENAME)
-    ),
+    model_dtype=str(config.model.dtype),
+    data_latent=str(config.data.latent),
+    data_use_flipped=bool(config.data.use_flipped),
+    latent_stats=latent_stats,
+    # None when missing: `evaluation.build_sampling` then refuses it, naming data.dir.
+    latent_stats_sha256=fid_stats.file_sha256(latent_stats)
+    if os.path.isfile(latent_stats)
+    else None,
     reference_stats=ref_path,
     reference_stats_sha256=fid_stats.file_sha256(ref_path),
     reference_num_images=reference.meta.num_images,

@@ -32,9 +32,9 @@ import pytest
 import training_helpers as th
 from PIL import Image
 
-from lct_jax import config_lib, evaluation, image_files
+from lct_jax import config_lib, evaluation, image_files, scoring
 from lct_jax.core import mesh as mesh_lib
-from lct_jax.fid import inception, stats, vgg
+from lct_jax.fid import inception, npz_io, stats, vgg
 from lct_jax.io import autoencoder as ae_lib
 from lct_jax.io import checkpoint, encoding, image_sources, latents
 from lct_jax.tools import fid_stats
@@ -315,6 +315,62 @@ def test_evaluate_end_to_end_matches_an_independent_computation(
   assert os.stat(path).st_mtime_ns == before
 
 
+def test_results_made_with_other_sample_settings_are_refused_and_kept(
+  evaluated, data_dir, tmp_path, monkeypatch
+):
+  """A result counts as done only with the settings that made its samples; one made otherwise
+  is an error naming the setting, and no file changes. Scoring is a stub that must not run."""
+  (result, _) = evaluated["results"]
+  stats_path = os.path.join(data_dir, latents.STATS_FILENAME)
+  assert (result["model_dtype"], result["data_latent"], result["data_use_flipped"]) == (
+    "float32",
+    "sample",
+    False,
+  )
+  assert result["latent_stats_sha256"] == fid_stats.file_sha256(stats_path)
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(evaluated["workdir"], workdir)
+  # Without config.json the eval does not refuse another model.dtype or data.latent than the
+  # training's (check_workdir), so only the result comparison stands between them and reuse.
+  os.remove(os.path.join(workdir, "config.json"))
+  scored = []
+  monkeypatch.setattr(scoring.Scorer, "score", lambda self, step, name, *_: scored.append(name))
+
+  def evaluate(**changes):
+    evaluation.evaluate(_config({**evaluated["overrides"], **changes}), workdir)
+
+  evaluate()  # unchanged: reused
+  other = str(tmp_path / "data")
+  shutil.copytree(data_dir, other)
+  evaluate(**{"data.dir": other})  # the same statistics file elsewhere: reused
+  assert scored == []
+  with open(os.path.join(other, latents.STATS_FILENAME)) as f:
+    doc = json.load(f)
+  doc["originals"]["std"] = (2 * np.asarray(doc["originals"]["std"])).tolist()
+  with open(os.path.join(other, latents.STATS_FILENAME), "w") as f:
+    json.dump(doc, f)
+  before = _json_files(workdir)
+  for changes, named in [
+    ({"model.dtype": "bfloat16"}, "model_dtype: 'float32' -> 'bfloat16'"),
+    ({"data.latent": "mean"}, "data_latent: 'sample' -> 'mean'"),
+    ({"data.dir": other}, "latent_stats_sha256: "),
+  ]:
+    with pytest.raises(ValueError, match="made with other eval settings") as err:
+      evaluate(**changes)
+    assert named in str(err.value)
+  # A result written before data_use_flipped was recorded.
+  path = os.path.join(workdir, "eval", "step_00000001", f"{RUNS[1]}.json")
+  with open(path) as f:
+    old = json.load(f)
+  del old["data_use_flipped"]
+  npz_io.save_json_atomic(path, old)
+  before[os.path.relpath(path, workdir)] = _json_files(workdir)[os.path.relpath(path, workdir)]
+  with pytest.raises(ValueError, match="data_use_flipped: missing -> False"):
+    evaluate()
+  assert scored == [] and _json_files(workdir) == before
+
+
 def _json_files(workdir: str) -> dict[str, tuple[bytes, int]]:
   out = {}
   for path in sorted(glob.glob(os.path.join(workdir, "eval", "step_*", "*.json"))):
@@ -385,6 +441,21 @@ def test_follow_resumes_after_a_kill_without_redoing_results(evaluated, tmp_path
   np.testing.assert_array_equal(indices, np.arange(10))
   grid = np.asarray(Image.open(os.path.join(out_dir, "nfe2_sigma0.821_grid.png")))
   np.testing.assert_array_equal(grid[16:32, 16:32], samples[5])  # row 1, column 1 of 4
+
+  # The binary's checkpoint selection: final step 2, best of the last 5 among steps 1 and 2.
+  with open(os.path.join(workdir, "eval", "summary.json")) as f:
+    summary = json.load(f)
+  assert (summary["best_of_last"], summary["training_final_step"]) == (5, 2)
+  assert sorted(summary["metrics"]) == [f"{r}/fid" for r in RUNS]  # eval.jpeg=False
+  for run in RUNS:
+    fids = {}
+    for step in (1, 2):
+      with open(os.path.join(workdir, "eval", f"step_{step:08d}", f"{run}.json")) as f:
+        fids[step] = json.load(f)["fid"]
+    best = min((2, 1), key=fids.get)
+    want = dict(final_step=2, final=fids[2], best_step=best, best=fids[best], last_steps=[1, 2])
+    assert summary["metrics"][f"{run}/fid"] == want
+  assert f"{RUNS[1]}/fid: final {fids[2]:.4f} (step 2)" in out.stderr  # logged
 
 
 def test_follow_gives_up_after_its_deadline(evaluated, tmp_path):
