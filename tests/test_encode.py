@@ -2,6 +2,7 @@
 broken images, and the compatibility check training runs at start-up."""
 
 import filecmp
+import io
 import json
 import os
 import signal
@@ -285,7 +286,10 @@ def test_dataset_from_before_frozen_draws_trains_on_means_only(tmp_path):
   latents_lib.save_latent_stats(folder, {("mean", False): stats})
   before = sorted(os.listdir(folder))
 
-  with pytest.raises(ValueError, match="data.latent='sample'.*re-encode it, or set data.latent="):
+  with pytest.raises(
+    ValueError,
+    match="data.latent='sample'.*re-encode it into a new or emptied output_dir.*or set data.latent=",
+  ):
     latents_lib.load_latent_stats(folder, latent="sample")
   with pytest.raises(ValueError, match="data.latent='sample'.*stores no frozen posterior draws"):
     input_pipeline.make_loader(folder, stats, global_batch_size=3, seed=0, latent="sample")
@@ -329,11 +333,14 @@ def test_broken_images_skipped_and_reported(vae, tmp_path):
     f.write(good[: len(good) // 2])
   with open(tmp_path / "img" / "not_an_image.jpg", "w") as f:
     f.write("hello")
-  with pytest.raises(encoding.TooManyBadImagesError, match="2 of 13"):
+  # Both broken files sort into shard 2 of 4 (ids 8-11); the job stops there, before shard 3.
+  with pytest.raises(encoding.TooManyBadImagesError, match="2 images .* by shard 2 of 4"):
     encoding.encode_dataset(
       _config(tmp_path / "img", tmp_path / "a", "pixel", max_bad_fraction=0.1)
     )
   assert not ld.is_complete(str(tmp_path / "a"))
+  done = [ld.shard_done(str(tmp_path / "a"), s, 4) for s in range(4)]
+  assert done == [True, True, True, False]
   encoding.encode_dataset(_config(tmp_path / "img", tmp_path / "b", "pixel", max_bad_fraction=0.2))
   with open(tmp_path / "b" / encoding.REPORT_FILENAME) as f:
     report = json.load(f)
@@ -458,3 +465,146 @@ def test_two_processes_encode_disjoint_halves(vae, tmp_path):
   for a, b in zip(examples, _read_all(single)):
     assert a["id"] == b["id"]
     np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-4, atol=2e-5)  # 2 vs 8 devices
+
+
+def test_listing_leaves_out_hidden_files_follows_symlinks_and_refuses_bad_names(tmp_path):
+  root = tmp_path / "img"
+  arrays = _make_images(root, n_square=3)
+  # macOS archive debris and hidden files: never images of the dataset, never a class.
+  for rel in ("__MACOSX/cat/._img_01.png", "cat/._img_01.png", ".thumbs/a.png"):
+    os.makedirs(root / os.path.dirname(rel), exist_ok=True)
+    (root / rel).write_bytes(b"\x00\x05\x16\x07")
+  outside = tmp_path / "elsewhere" / "bird"
+  os.makedirs(outside)
+  Image.fromarray(np.zeros((RES, RES, 3), np.uint8)).save(outside / "b.png")
+  os.symlink(outside, root / "bird")  # a class folder linked in
+  os.symlink(root, root / "cat" / "loop")  # a link back into the tree: listed once
+  folder = image_sources.FolderSource(str(root), labels_from_subdirs=True, workers=2)
+  want = sorted(list(arrays) + ["bird/b.png"])
+  assert folder.ids == want
+  assert [folder.labels[folder.ids.index(i)] for i in ("bird/b.png", "cat/img_01.png")] == [0, 1]
+  with zipfile.ZipFile(tmp_path / "img.zip", "w") as zf:
+    for rel in want + ["__MACOSX/cat/._img_01.png", "cat/._img_01.png"]:
+      zf.write(root / rel, rel)
+  assert image_sources.ZipSource(str(tmp_path / "img.zip")).ids == want
+  # A name that is not UTF-8 cannot be stored as the id: refused at listing, by name.
+  with open(os.path.join(os.fsencode(root), b"caf\xe9.png"), "wb") as f:
+    f.write(b"x")
+  with pytest.raises(ValueError, match=r"caf\\xe9.png.* not valid UTF-8"):
+    image_sources.FolderSource(str(root))
+
+
+def test_16_bit_images_are_scaled_and_32_bit_ones_refused():
+  # PIL's convert("RGB") clips 16-bit values at 255 (a near-white image); they are scaled instead.
+  v = np.array(
+    [0, 1, 128, 129, 257, 32767, 32768, 40000, 50000, 60000, 65021, 65534, 65535, 7, 9, 3]
+  )
+  buf = io.BytesIO()
+  Image.fromarray(v.reshape(4, 4).astype(np.uint16)).save(buf, "PNG")  # a 16-bit grayscale PNG
+  img = image_sources._decode(buf.getvalue())
+  assert img.mode == "I;16"
+  got = image_sources.preprocess(img, resolution=4)
+  want = np.round(v.reshape(4, 4).astype(np.float64) * 255 / 65535)
+  np.testing.assert_array_equal(got, np.repeat(want[..., None], 3, axis=-1))
+  for mode, dtype in (("I", np.int32), ("F", np.float32)):
+    with pytest.raises(ValueError, match=f"image mode '{mode}'"):
+      image_sources.preprocess(Image.fromarray(v.reshape(4, 4).astype(dtype)), 4)
+
+
+def test_bad_resolution_or_seed_fails_before_anything_is_written(tmp_path):
+  _make_images(tmp_path / "img", n_square=2)
+  for key, value in (
+    ("resolution", 0),
+    ("resolution", -8),
+    ("seed", -1),
+    ("seed", 2**32),
+    ("batch_size", 0),
+  ):
+    out = tmp_path / f"{key}{value}"
+    with pytest.raises(ValueError, match=f"config key: {key}"):
+      encoding.encode_dataset(_config(tmp_path / "img", out, "pixel", **{key: value}))
+    assert not out.exists()
+
+
+def test_resume_refuses_a_changed_listing(tmp_path):
+  root = tmp_path / "img"
+  _make_images(root)  # 11 images, shards of 4
+  out = tmp_path / "out"
+  encoding.encode_dataset(_config(root, out, "pixel"))
+  os.remove(out / "dataset_info.json")  # as if killed before the end: shard 2 missing
+  os.remove(out / _shard_files(out)[2])
+  os.remove(root / "wide.png")  # same number of images, another one in its place
+  Image.fromarray(np.zeros((RES, RES, 3), np.uint8)).save(root / "aaa.png")
+  with pytest.raises(ValueError, match="listing: on disk"):
+    encoding.encode_dataset(_config(root, out, "pixel"))
+  assert len(_shard_files(out)) == 2 and not ld.is_complete(str(out))
+  # A fingerprint written before `listing` existed is not compared on it.
+  with open(out / encoding.CONFIG_FILENAME) as f:
+    doc = json.load(f)
+  del doc["listing"]
+  (out / encoding.CONFIG_FILENAME).write_text(json.dumps(doc))
+  encoding.encode_dataset(_config(root, out, "pixel"))
+  assert ld.is_complete(str(out))
+
+
+def test_tfds_source_checks_its_feature_keys(tmp_path):
+  import tensorflow_datasets as tfds
+
+  class LctTinyImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      features = dict(
+        image=tfds.features.Image(shape=(4, 4, 3)),
+        label=tfds.features.ClassLabel(num_classes=3),
+        file_name=tfds.features.Text(),
+      )
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(5):
+        yield i, dict(image=np.full((4, 4, 3), 40 * i, np.uint8), label=i % 3, file_name=f"f{i}")
+
+  data_dir = str(tmp_path / "tfds")
+  LctTinyImages(data_dir=data_dir).download_and_prepare(
+    download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+  )
+
+  def source(image_key="image", label_key="", id_key=""):
+    return image_sources.TfdsSource(
+      "lct_tiny_images", "train", data_dir, image_key, label_key, id_key, False, workers=1
+    )
+
+  recs = list(source(label_key="label", id_key="file_name").read_range(0, 5, 4))
+  # (TFDS stores the examples in its own order, the source order.)
+  assert sorted((r.id, r.label, int(r.image[0, 0, 0])) for r in recs) == [
+    (f"f{i}", i % 3, 40 * i) for i in range(5)
+  ]
+  recs = list(source().read_range(0, 2, 4))  # unconditional, ids by position
+  assert [(r.id, r.label) for r in recs] == [("train/0", -1), ("train/1", -1)]
+  for key, bad in (("image_key", "img"), ("label_key", "labels"), ("id_key", "filename")):
+    with pytest.raises(ValueError, match=f"no feature '{bad}' \\(config key: {key}\\)"):
+      source(**{key: bad})
+
+
+def test_a_kill_while_writing_the_metadata_leaves_no_finished_mark(tmp_path, monkeypatch):
+  _make_images(tmp_path / "img", n_square=2)
+  out = tmp_path / "out"
+  real = os.replace
+
+  def killed_at_the_mark(src, dst):
+    if str(dst).endswith("dataset_info.json"):
+      raise KeyboardInterrupt("killed")
+    real(src, dst)
+
+  monkeypatch.setattr(os, "replace", killed_at_the_mark)
+  with pytest.raises(KeyboardInterrupt):
+    encoding.encode_dataset(_config(tmp_path / "img", out, "pixel"))
+  assert not ld.is_complete(str(out)) and not (out / "dataset_info.json").exists()
+  monkeypatch.setattr(os, "replace", real)
+  encoding.encode_dataset(_config(tmp_path / "img", out, "pixel"))  # the rerun finishes it
+  assert ld.is_complete(str(out)) and len(_read_all(out)) == 4
+  assert not [n for n in os.listdir(out) if n.startswith(".tmp")]

@@ -368,3 +368,18 @@ def test_missing_weights_names_conversion_command(tmp_path):
     inception.load_inception(missing)
   assert f"python -m lct_jax.tools.convert_inception --out={missing}" in str(err.value)
   assert "requirements-torch.txt" in str(err.value)
+
+
+def test_read_images_keeps_a_bounded_number_decoded_ahead(tmp_path, monkeypatch):
+  # Decoding must not run ahead of the (slower) Inception pass: a 100k-image folder would be held
+  # in memory. Stopping after 3 images, at most ~2 windows (16 per thread) were ever decoded.
+  for i in range(300):
+    Image.fromarray(np.full((2, 2, 3), i % 256, np.uint8)).save(tmp_path / f"{i:03d}.png")
+  decoded = []
+  real = fid_stats._decode
+  monkeypatch.setattr(fid_stats, "_decode", lambda p: decoded.append(p) or real(p))
+  images = fid_stats.read_images(str(tmp_path), threads=2)
+  first = [next(images) for _ in range(3)]
+  images.close()  # waits for what was queued
+  assert [int(a[0, 0, 0]) for a in first] == [0, 1, 2]
+  assert len(decoded) <= 2 * 16 * 2 + 2, len(decoded)

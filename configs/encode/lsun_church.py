@@ -18,7 +18,6 @@ def get_config():
   config.source = "tfds"
   config.tfds_name = "lsun/church_outdoor"
   config.split = "train"
-  config.label_key = ""  # unconditional
   config.resolution = 256
   config.autoencoder = "stabilityai/sd-vae-ft-ema"
   config.flip = True

@@ -28,7 +28,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.tfds_data_dir = ""  # tfds: data_dir ("" = TFDS default)
   c.tfds_download = False  # tfds: call download_and_prepare (needs network / manual files)
   c.image_key = "image"  # tfds: image feature
-  c.label_key = "label"  # tfds: label feature ("" or absent = -1)
+  c.label_key = ""  # tfds: label feature, e.g. "label" ("" = unconditional, label -1)
   c.id_key = ""  # tfds: feature used as image id ("" = "<split>/<index>")
   c.max_examples = -1  # encode only the first N images of the source order (-1 = all)
   # -- preprocessing and autoencoder ----------------------------------------------------------

@@ -46,6 +46,9 @@ CONTENT_KEYS = (
   "seed",
   "shard_size",
   "labels_from_subdirs",
+  "image_key",
+  "label_key",
+  "id_key",
 )
 
 
@@ -53,18 +56,27 @@ class TooManyBadImagesError(RuntimeError):
   """More unreadable images than `max_bad_fraction` allows."""
 
 
-def _fingerprint(config: Any, ae: ae_lib.Autoencoder, num_images: int) -> dict[str, Any]:
+def _fingerprint(
+  config: Any, ae: ae_lib.Autoencoder, source: image_sources.ImageSource, num_images: int
+) -> dict[str, Any]:
   doc = {k: config.get(k) for k in CONTENT_KEYS}
-  doc.update(autoencoder=ae.identity, weights_hash=ae.weights_hash, num_images=num_images)
+  doc.update(
+    autoencoder=ae.identity,
+    weights_hash=ae.weights_hash,
+    num_images=num_images,
+    listing=source.listing_id(num_images),
+  )
   return json.loads(json.dumps(doc))  # tuples -> lists, as read back from disk
 
 
 def _check_or_write_fingerprint(folder: str, doc: dict[str, Any]) -> None:
+  """Writes the fingerprint, or refuses a folder whose fingerprint differs. Keys that a file of
+  an older version does not hold (added to the fingerprint since) are not compared."""
   path = os.path.join(folder, CONFIG_FILENAME)
   if os.path.isfile(path):
     with open(path) as f:
       old = json.load(f)
-    diff = {k: (old.get(k), v) for k, v in doc.items() if old.get(k) != v}
+    diff = {k: (old[k], v) for k, v in doc.items() if k in old and old[k] != v}
     if diff:
       lines = ", ".join(f"{k}: on disk {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
       raise ValueError(
@@ -146,7 +158,7 @@ def _encode_shard(
   encoder: ShardedEncoder,
   features: Any,
   progress: Any,
-) -> tuple[int, int, int]:
+) -> tuple[int, list[dict[str, Any]], int]:
   start = shard * config.shard_size
   stop = min(num_images, start + config.shard_size)
   examples, pending, skipped = [], [], []
@@ -164,7 +176,7 @@ def _encode_shard(
     examples += _encode_records(pending, encoder, config.flip, config.seed)
   manifest = {"source_range": [start, stop], "skipped": skipped, "process": jax.process_index()}
   num_bytes = ld.write_shard(config.output_dir, shard, num_shards, features, examples, manifest)
-  return stop - start, len(skipped), num_bytes
+  return stop - start, skipped, num_bytes
 
 
 def _shard_stats(folder: str, num_shards: int, features: Any, flip: bool) -> dict[Any, Any]:
@@ -277,18 +289,21 @@ def encode_dataset(config: Any) -> dict[str, Any]:
     raise ValueError("output_dir is empty; set --config.output_dir")
   if not 0.0 <= config.max_bad_fraction <= 1.0:
     raise ValueError(f"max_bad_fraction={config.max_bad_fraction} must lie in [0, 1]")
-  if config.shard_size < 1 or config.batch_size < 1:
-    raise ValueError("shard_size and batch_size must be positive")
+  for key in ("shard_size", "batch_size", "resolution"):
+    if config[key] < 1:
+      raise ValueError(f"{key}={config[key]} must be a positive integer (config key: {key})")
+  if not 0 <= config.seed < 2**32:  # one 32-bit word of the draws' SeedSequence (frozen_eps)
+    raise ValueError(f"seed={config.seed} must lie in [0, 2**32) (config key: seed)")
+  source = image_sources.make_source(config)  # a missing path fails before the VAE loads
   ae = ae_lib.load_autoencoder(config.autoencoder, local_files_only=config.local_files_only)
   latent_shape = ae.latent_shape(config.resolution)
-  source = image_sources.make_source(config)
   num_images = len(source) if config.max_examples < 0 else min(len(source), config.max_examples)
   if num_images < 2:
     raise ValueError(f"{source.description} has {num_images} images; need at least 2")
   num_shards = math.ceil(num_images / config.shard_size)
   folder = config.output_dir
   os.makedirs(folder, exist_ok=True)
-  _check_or_write_fingerprint(folder, _fingerprint(config, ae, num_images))
+  _check_or_write_fingerprint(folder, _fingerprint(config, ae, source, num_images))
   features = ld.make_features(latent_shape, config.flip)
   pid, nproc = jax.process_index(), jax.process_count()
   summary: dict[str, Any] = dict(
@@ -317,15 +332,26 @@ def encode_dataset(config: Any) -> dict[str, Any]:
     total = sum(min(num_images, (s + 1) * config.shard_size) - s * config.shard_size for s in todo)
     from tqdm import tqdm
 
+    skipped: list[dict[str, Any]] = []
     with tqdm(total=total, unit="img", desc=f"encode p{pid}", mininterval=2.0) as progress:
       for shard in todo:
         read, bad, nbytes = _encode_shard(
           shard, num_shards, source, num_images, config, encoder, features, progress
         )
         summary["images_read"] += read
-        summary["images_skipped"] += bad
+        summary["images_skipped"] += len(bad)
         summary["shards_written"] += 1
         summary["bytes"] += nbytes
+        skipped += bad
+        # This process's count is a lower bound on the dataset's: past the limit, stop now.
+        if len(skipped) > config.max_bad_fraction * num_images:
+          first = "; ".join(f"{b['id']}: {b['error']}" for b in skipped[:3])
+          raise TooManyBadImagesError(
+            f"{len(skipped)} images could not be read by shard {shard} of {num_shards}, more than "
+            f"max_bad_fraction={config.max_bad_fraction} of {num_images}; stopped early (first: "
+            f"{first}). The finished shards are kept: fix the images and use a new output_dir, "
+            "or rerun with a larger max_bad_fraction."
+          )
         if config.get("sleep_after_shard", 0.0):
           time.sleep(config.sleep_after_shard)
     if nproc > 1:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import dataclasses
+import hashlib
 import io
 import os
 import threading
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -37,9 +38,25 @@ class Record:
   error: str | None = None
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+  """RGB, 16-bit grayscale scaled to 8 bits first (v / 257, rounded); 32-bit modes refused.
+
+  PIL's `convert("RGB")` clips 16-bit values at 255 instead of scaling them, which would encode a
+  near-white image without a word.
+  """
+  if img.mode.startswith("I;16"):
+    wide = np.asarray(img).astype(np.uint32)
+    img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # mode "L"
+  if img.mode in ("I", "F"):
+    raise ValueError(
+      f"image mode {img.mode!r} (32-bit) has no defined 8-bit range; convert it first"
+    )
+  return img.convert("RGB")
+
+
 def preprocess(img: Image.Image, resolution: int) -> np.ndarray:
   """RGB, shorter side resized to `resolution` (bicubic), centre crop; uint8 (R, R, 3)."""
-  img = img.convert("RGB")
+  img = to_rgb(img)
   w, h = img.size
   if (w, h) != (resolution, resolution):
     scale = resolution / min(w, h)
@@ -56,12 +73,14 @@ def _decode(data: bytes) -> Image.Image:
   return img
 
 
-def _bounded_map(fn: Callable[[int], Any], indices: range, workers: int, window: int) -> Iterator:
-  """fn over indices in order, on a thread pool, with at most ~2 windows in flight."""
+def bounded_map(
+  fn: Callable[[Any], Any], items: Iterable[Any], workers: int, window: int
+) -> Iterator:
+  """fn over items in order, on a thread pool, with at most ~2 windows in flight (decoded results
+  do not pile up in memory ahead of a slower consumer)."""
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
     pending: list[concurrent.futures.Future] = []
-    it = iter(indices)
-    for i in it:
+    for i in items:
       pending.append(pool.submit(fn, i))
       if len(pending) >= 2 * window:
         for _ in range(window):
@@ -81,6 +100,18 @@ class ImageSource(abc.ABC):
   @abc.abstractmethod
   def read_range(self, start: int, stop: int, resolution: int) -> Iterator[Record]:
     """Yields the preprocessed records start..stop-1, in order."""
+
+  @abc.abstractmethod
+  def listing_id(self, num_images: int) -> str:
+    """Identifies which images are numbers 0..num_images-1 (and their labels): a resumed encode
+    whose listing differs would mix two datasets."""
+
+
+def _sha256_lines(lines: Iterator[str]) -> str:
+  h = hashlib.sha256()
+  for line in lines:
+    h.update(line.encode("utf-8") + b"\n")
+  return h.hexdigest()
 
 
 class _RandomAccessSource(ImageSource):
@@ -102,11 +133,59 @@ class _RandomAccessSource(ImageSource):
 
   def read_range(self, start: int, stop: int, resolution: int) -> Iterator[Record]:
     fn = lambda i: self._record(i, resolution)  # noqa: E731
-    yield from _bounded_map(fn, range(start, stop), self.workers, window=64)
+    yield from bounded_map(fn, range(start, stop), self.workers, window=64)
+
+  def listing_id(self, num_images: int) -> str:
+    """sha256 of the ids and labels, in order (names, not file contents)."""
+    return _sha256_lines(f"{i}\t{lab}" for i, lab in map(self._meta, range(num_images)))
+
+
+def _is_image_name(rel_path: str, suffixes: tuple[str, ...]) -> bool:
+  """An image path to list: an image suffix, and no hidden or `__MACOSX` path component (macOS
+  archives carry `__MACOSX/**/._name.png` resource forks, which would be listed, fail to decode,
+  and with `labels_from_subdirs` become a class of their own)."""
+  hidden = any(p.startswith(".") or p == "__MACOSX" for p in rel_path.split("/"))
+  return rel_path.lower().endswith(suffixes) and not hidden
+
+
+def list_folder(root: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
+  """Sorted '/'-separated paths, relative to `root`, of the images below it (recursive; symlinked
+  folders followed, each real folder once; hidden files and folders and `__MACOSX` left out).
+
+  Raises:
+    ValueError: a listed name is not valid UTF-8 (ids are stored as text), naming it.
+  """
+  found, seen = [], set()
+  for dirpath, dirs, files in os.walk(root, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:  # a symlink back into the tree, or a second link to one folder
+      dirs[:] = []
+      continue
+    seen.add(real)
+    for name in files:
+      rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+      if not _is_image_name(rel, suffixes):
+        continue
+      try:
+        rel.encode("utf-8")
+      except UnicodeEncodeError:
+        raise ValueError(
+          f"image folder {root}: file name {rel.encode('utf-8', 'surrogateescape')!r} is not "
+          "valid UTF-8 (ids are stored as text); rename it"
+        ) from None
+      found.append(rel)
+  return sorted(found)
+
+
+def list_zip(path: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
+  """Sorted member names of the images in a zip file (same rules as `list_folder`)."""
+  with zipfile.ZipFile(path) as zf:
+    return sorted(n for n in zf.namelist() if _is_image_name(n, suffixes))
 
 
 class FolderSource(_RandomAccessSource):
-  """Every .png/.jpg/.jpeg under `root` (recursive), sorted by relative path (the id).
+  """Every .png/.jpg/.jpeg under `root` (recursive, symlinked folders followed once), sorted by
+  relative path (the id); hidden files and folders and `__MACOSX` are left out.
 
   Labels: with `labels_from_subdirs`, the index of the first path component among the sorted
   top-level folder names; otherwise -1.
@@ -117,12 +196,7 @@ class FolderSource(_RandomAccessSource):
     if not os.path.isdir(root):
       raise FileNotFoundError(f"image folder {root!r} does not exist (config key: path)")
     self.root = root
-    found = []
-    for dirpath, _, files in os.walk(root):
-      for name in files:
-        if name.lower().endswith(IMAGE_SUFFIXES):
-          found.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
-    self.ids = sorted(found)
+    self.ids = list_folder(root)
     self.labels = _labels_from_paths(self.ids, labels_from_subdirs)
     self.description = f"folder {os.path.abspath(root)}"
 
@@ -138,16 +212,15 @@ class FolderSource(_RandomAccessSource):
 
 
 class ZipSource(_RandomAccessSource):
-  """Every .png/.jpg/.jpeg member of a zip file, sorted by member name (the id)."""
+  """Every .png/.jpg/.jpeg member of a zip file, sorted by member name (the id); members under a
+  hidden folder or `__MACOSX`, and hidden files (macOS `._*` resource forks), are left out."""
 
   def __init__(self, path: str, labels_from_subdirs: bool = False, workers: int = 8):
     super().__init__(workers)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"zip file {path!r} does not exist (config key: path)")
     self.path = path
-    with zipfile.ZipFile(path) as zf:
-      names = [n for n in zf.namelist() if n.lower().endswith(IMAGE_SUFFIXES)]
-    self.ids = sorted(names)
+    self.ids = list_zip(path)
     self.labels = _labels_from_paths(self.ids, labels_from_subdirs)
     self._local = threading.local()  # ZipFile handles are not shared between threads
     self.description = f"zip {os.path.abspath(path)}"
@@ -231,6 +304,13 @@ class TfdsSource(ImageSource):
       raise ValueError(f"TFDS dataset {name} has no split {split!r} (config key: split)")
     self.name, self.split = name, split
     self.image_key, self.label_key, self.id_key = image_key, label_key, id_key
+    features = self.builder.info.features
+    for key, value in (("image_key", image_key), ("label_key", label_key), ("id_key", id_key)):
+      if (value or key == "image_key") and value not in features:
+        raise ValueError(
+          f"TFDS dataset {name} has no feature {value!r} (config key: {key}); its features: "
+          f"{', '.join(sorted(features.keys()))}"
+        )
     self.num = self.builder.info.splits[split].num_examples
     self.workers = workers
     self.description = f"tfds {name} split {split}"
@@ -238,10 +318,13 @@ class TfdsSource(ImageSource):
   def __len__(self) -> int:
     return self.num
 
+  def listing_id(self, num_images: int) -> str:
+    """The dataset's name, version and split (TFDS versions fix the order and content)."""
+    return f"{self.builder.info.full_name} split {self.split}"
+
   def read_range(self, start: int, stop: int, resolution: int) -> Iterator[Record]:
     import tensorflow_datasets as tfds
 
-    features = self.builder.info.features
     ds = self.builder.as_dataset(
       split=f"{self.split}[{start}:{stop}]",
       shuffle_files=False,
@@ -251,15 +334,15 @@ class TfdsSource(ImageSource):
 
     def record(k: int) -> Record:
       index, ex = rows[k - start]
-      label = int(ex[self.label_key]) if self.label_key in features else NO_LABEL
-      raw_id = ex.get(self.id_key) if self.id_key else None
+      label = int(ex[self.label_key]) if self.label_key else NO_LABEL
+      raw_id = ex[self.id_key] if self.id_key else None
       image_id = raw_id.decode() if isinstance(raw_id, bytes) else f"{self.split}/{index}"
       try:
         return Record(index, image_id, label, preprocess(_decode(ex[self.image_key]), resolution))
       except Exception as e:  # noqa: BLE001
         return Record(index, image_id, label, None, f"{type(e).__name__}: {e}")
 
-    yield from _bounded_map(record, range(start, stop), self.workers, window=64)
+    yield from bounded_map(record, range(start, stop), self.workers, window=64)
 
 
 def make_source(config: Any) -> ImageSource:
@@ -277,7 +360,7 @@ def make_source(config: Any) -> ImageSource:
       config.split,
       config.get("tfds_data_dir", ""),
       config.get("image_key", "image"),
-      config.get("label_key", "label"),
+      config.get("label_key", ""),
       config.get("id_key", ""),
       bool(config.get("tfds_download", False)),
       workers,

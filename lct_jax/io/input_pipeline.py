@@ -151,7 +151,8 @@ def make_loader(
   if latent == "sample" and not source.has_frozen_sample:
     raise ValueError(
       f"data.latent='sample': data.dir={data_dir!r} stores no frozen posterior draws (encoded "
-      "before lct_jax stored one per image); re-encode it, or set data.latent=mean"
+      "before lct_jax stored one per image); re-encode it into a new or emptied output_dir (a "
+      "rerun into a finished folder does nothing), or set data.latent=mean"
     )
   if num_examples is not None and num_examples != len(source):
     flips = " (originals and their flips: data.use_flipped=True)" if use_flipped else ""

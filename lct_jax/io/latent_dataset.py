@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -203,7 +204,18 @@ def write_dataset_info(
     filename_template=template,
   )
   info.set_splits(tfds.core.SplitDict([split]))
-  info.write_to_directory(folder)
+  # Written into a temporary folder and moved in, dataset_info.json (the mark of a finished
+  # dataset, `is_complete`) last and by an atomic rename: a kill leaves no half-written mark.
+  for name in os.listdir(folder):  # left by a killed writer (only process 0 writes metadata)
+    if name.startswith(".tmp-info-"):
+      shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+  tmp = os.path.join(folder, f".tmp-info-{os.getpid()}")
+  os.makedirs(tmp)
+  info.write_to_directory(tmp)
+  names = sorted(os.listdir(tmp), key=lambda n: n == "dataset_info.json")
+  for name in names:
+    os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+  os.rmdir(tmp)
 
 
 def is_complete(folder: str) -> bool:

@@ -219,7 +219,8 @@ def load_latent_stats(path: str, *, use_flipped: bool = False, latent: str = "me
   if _block_key(field, False) not in doc:
     raise ValueError(
       f"data.latent={latent!r}: {path} has no statistics over frozen posterior draws (the "
-      "dataset was encoded before lct_jax stored one per image); re-encode it, or set "
+      "dataset was encoded before lct_jax stored one per image); re-encode it into a new or "
+      "emptied output_dir (a rerun into a finished folder does nothing), or set "
       "data.latent=mean to train on the posterior means"
     )
   key = _block_key(field, use_flipped)

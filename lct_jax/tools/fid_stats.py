@@ -20,7 +20,6 @@ and the eval job refuses features made by another extractor or weights than its 
 real set for pr50k3_full).
 """
 
-import concurrent.futures
 import hashlib
 import io
 import json
@@ -35,13 +34,15 @@ from absl import app, flags
 from PIL import Image
 
 from lct_jax.fid import inception, stats, vgg
+from lct_jax.io import image_sources
 
 PR_FEATURES = (inception.EXTRACTOR, vgg.EXTRACTOR)
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
 def list_images(path: str) -> list[str]:
-  """Sorted image paths under a folder (recursive) or member names of a .zip.
+  """Sorted image paths under a folder (recursive) or member names of a .zip, listed as the encode
+  job lists them (`image_sources.list_folder`: hidden files and `__MACOSX` left out).
 
   Args:
     path: a folder or a .zip file.
@@ -50,27 +51,22 @@ def list_images(path: str) -> list[str]:
     Paths (folder) or member names (zip) with an image extension, sorted.
   """
   if os.path.isdir(path):
-    found = [
-      os.path.join(root, name)
-      for root, _, names in os.walk(path)
-      for name in names
-      if name.lower().endswith(IMAGE_EXTENSIONS)
-    ]
+    found = [os.path.join(path, rel) for rel in image_sources.list_folder(path, IMAGE_EXTENSIONS)]
   elif zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as z:
-      found = [n for n in z.namelist() if n.lower().endswith(IMAGE_EXTENSIONS)]
+    found = image_sources.list_zip(path, IMAGE_EXTENSIONS)
   else:
     raise FileNotFoundError(f"--images={path} is neither a folder nor a .zip file")
   if not found:
     raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
-  return sorted(found)
+  return found
 
 
 def _decode(data: bytes | str) -> np.ndarray:
-  """One image file (path or bytes) -> uint8 (H, W, 3), converted to RGB like pytorch-fid."""
+  """One image file (path or bytes) -> uint8 (H, W, 3), converted to RGB like pytorch-fid (16-bit
+  grayscale scaled to 8 bits, as the encode job does)."""
   src = io.BytesIO(data) if isinstance(data, bytes) else data
   with Image.open(src) as img:
-    return np.asarray(img.convert("RGB"), np.uint8)
+    return np.asarray(image_sources.to_rgb(img), np.uint8)
 
 
 def read_images(path: str, max_images: int = 0, threads: int = 4) -> Iterator[np.ndarray]:
@@ -78,9 +74,8 @@ def read_images(path: str, max_images: int = 0, threads: int = 4) -> Iterator[np
   names = list_images(path)
   if max_images > 0:
     names = names[:max_images]
-  if os.path.isdir(path):
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-      yield from pool.map(_decode, names)
+  if os.path.isdir(path):  # at most ~2 windows of decoded images wait for the consumer
+    yield from image_sources.bounded_map(_decode, names, threads, window=16 * threads)
   else:
     with zipfile.ZipFile(path) as z:
       for name in names:
