@@ -1,4 +1,4 @@
-# shellcheck shell=bash disable=SC2034  # VALUE, SHIFT and CAPTURED are read by the sourcing script
+# shellcheck shell=bash disable=SC2034  # VALUE, SHIFT, MODE, CAPTURED are read by the sourcing script
 # Helpers shared by the launch scripts (sourced, never executed): errors, shell quoting, option
 # values and the dry-run aware command runner. Written for bash >= 3.2 (macOS's /bin/bash too):
 # no namerefs, and empty arrays are expanded as ${a[@]+"${a[@]}"} because of set -u. The batch
@@ -121,4 +121,27 @@ check_override() {
 # check_env_assignment ARG: KEY=VALUE with a valid shell variable name.
 check_env_assignment() {
   [[ $1 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env needs KEY=VALUE, got '$1'"
+}
+
+# take_mode_or_override ARG HINT: for the train|eval launchers. A --config.a.b=VALUE override is
+# appended to OVERRIDES, a bare word becomes MODE (train or eval, once; HINT ends the error for a
+# second one); returns 1 for anything else (an option for the caller's own parser).
+take_mode_or_override() {
+  if [[ $1 == --config.* ]]; then
+    check_override "$1"
+    OVERRIDES+=("$1")
+  elif [[ $1 != -* ]]; then
+    [[ -z $MODE ]] || die "unexpected argument '$1' ($2)"
+    [[ $1 == train || $1 == eval ]] || die "unknown subcommand '$1' (train or eval)"
+    MODE=$1
+  else
+    return 1
+  fi
+}
+
+# check_run_args: the subcommand, --config and --workdir every train|eval launcher needs.
+check_run_args() {
+  [[ -n $MODE ]] || die "missing subcommand: train or eval"
+  [[ -n $CONFIG ]] || die "missing --config (or LCT_CONFIG), e.g. --config=configs/ffhq.py"
+  [[ -n $WORKDIR ]] || die "missing --workdir (or LCT_WORKDIR)"
 }

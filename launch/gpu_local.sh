@@ -52,17 +52,7 @@ EOF
 while (($#)); do
   arg=$1
   shift
-  if [[ $arg == --config.* ]]; then
-    check_override "$arg"
-    OVERRIDES+=("$arg")
-    continue
-  fi
-  if [[ $arg != -* ]]; then
-    [[ -z $MODE ]] || die "unexpected argument '$arg' (config overrides look like --config.a.b=VALUE)"
-    [[ $arg == train || $arg == eval ]] || die "unknown subcommand '$arg' (train or eval)"
-    MODE=$arg
-    continue
-  fi
+  take_mode_or_override "$arg" "config overrides look like --config.a.b=VALUE" && continue
   split_opt "$arg"
   case $OPT in
     -h | --help) usage; exit 0 ;;
@@ -80,9 +70,7 @@ while (($#)); do
   esac
 done
 
-[[ -n $MODE ]] || die "missing subcommand: train or eval"
-[[ -n $CONFIG ]] || die "missing --config (or LCT_CONFIG), e.g. --config=configs/ffhq.py"
-[[ -n $WORKDIR ]] || die "missing --workdir (or LCT_WORKDIR)"
+check_run_args
 [[ -z $GPUS || $GPUS =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus takes a comma-separated list of GPU indices, got '$GPUS'"
 
 module=lct_jax.main

@@ -80,17 +80,7 @@ while (($#)); do
     SBATCH_EXTRA=("$@")
     break
   fi
-  if [[ $arg == --config.* ]]; then
-    check_override "$arg"
-    OVERRIDES+=("$arg")
-    continue
-  fi
-  if [[ $arg != -* ]]; then
-    [[ -z $MODE ]] || die "unexpected argument '$arg' (sbatch options go after '--')"
-    [[ $arg == train || $arg == eval ]] || die "unknown subcommand '$arg' (train or eval)"
-    MODE=$arg
-    continue
-  fi
+  take_mode_or_override "$arg" "sbatch options go after '--'" && continue
   split_opt "$arg"
   case $OPT in
     -h | --help) usage; exit 0 ;;
@@ -112,9 +102,7 @@ while (($#)); do
   esac
 done
 
-[[ -n $MODE ]] || die "missing subcommand: train or eval"
-[[ -n $CONFIG ]] || die "missing --config (or LCT_CONFIG), e.g. --config=configs/ffhq.py"
-[[ -n $WORKDIR ]] || die "missing --workdir (or LCT_WORKDIR)"
+check_run_args
 [[ -z $NODES ]] || positive_int --nodes "$NODES"
 [[ -z $GPUS_PER_NODE ]] || positive_int --gpus-per-node "$GPUS_PER_NODE"
 [[ -z $CPUS_PER_TASK ]] || positive_int --cpus-per-task "$CPUS_PER_TASK"
