@@ -162,9 +162,11 @@ def test_a_few_hundred_steps_drive_the_loss_down():
 
 def test_nonfinite_step_changes_nothing_but_the_counters():
   config = test_config.get_config()
+  config.optim.warmup_steps = 10  # lr(t) = 1e-3 * t / 10 after t applied updates
   mesh, _, state, step = build(config, 8)
   data = dataset(config, 16)
-  state, _ = step(state, {"x": put(data, mesh)})
+  state, metrics = step(state, {"x": put(data, mesh)})
+  assert float(metrics["learning_rate"]) == 0.0
   before = jax.device_get(state)
   bad = data.copy()
   bad[3, 0, 0, 0] = np.nan
@@ -178,6 +180,9 @@ def test_nonfinite_step_changes_nothing_but_the_counters():
   state, metrics = step(state, {"x": put(data, mesh)})  # and training goes on
   assert int(metrics["nonfinite"]) == 0 and int(state.nonfinite_streak) == 0
   assert int(state.last_nonfinite_step) == int(before.step)
+  # The logged learning rate is the one this update applied: one update so far (step 2 of the
+  # counter, which the skipped step advanced), so 1e-3 * 1 / 10.
+  assert float(metrics["learning_rate"]) == pytest.approx(1e-4, rel=1e-6)
 
 
 def test_compiled_step_copies_no_state_buffer():

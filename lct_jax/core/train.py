@@ -74,6 +74,21 @@ def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, opta
   return optax.chain(*parts), schedule
 
 
+def schedule_count(opt_state: optax.OptState) -> jax.Array:
+  """The count the learning-rate schedule is evaluated at in the next update.
+
+  It is the optimizer's own count of applied updates, which a skipped (non-finite) step leaves
+  as it was; `TrainState.step` advances on those steps too.
+  """
+  is_sched = lambda s: isinstance(s, optax.ScaleByScheduleState)  # noqa: E731
+  counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_sched) if is_sched(s)]
+  if len(counts) != 1:
+    raise ValueError(
+      f"expected one learning-rate schedule state in the optimizer, found {len(counts)}"
+    )
+  return counts[0]
+
+
 def scale_by_torch_radam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
   """RAdam's direction exactly as torch.optim.RAdam computes it (the authors' optimizer).
 
@@ -355,7 +370,7 @@ def make_train_step(
       diff_loss=diff,
       num_scales=n_scales,
       c=c,
-      learning_rate=lr_schedule(state.step),
+      learning_rate=lr_schedule(schedule_count(state.opt_state)),
       grad_norm=grad_norm,
       diff_fraction=jnp.mean(mask.astype(jnp.float32)),
       nonfinite=(~finite).astype(jnp.int32),
