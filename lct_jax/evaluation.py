@@ -92,6 +92,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _fail("eval.pr_k", ev.pr_k, f"must lie in [1, eval.num_samples={ev.num_samples})")
   if ev.best_of_last < 1:
     _fail("eval.best_of_last", ev.best_of_last, "must be >= 1 (the final checkpoint alone: 1)")
+  names = [run.name for run in runs_of(config)]
+  if len(set(names)) < len(names):  # one result file each: two would overwrite each other
+    _fail(
+      "eval.sigma_mid",
+      tuple(ev.sigma_mid),
+      f"two values give the same result name ({', '.join(names[1:])}); give distinct values "
+      "(6 significant digits name the file)",
+    )
   if ev.export not in scoring.EXPORTS:
     _fail("eval.export", ev.export, f"expected one of {scoring.EXPORTS}")
   if ev.pr_features not in scoring.PR_FEATURES:

@@ -516,6 +516,15 @@ def test_vgg16_features_need_the_weights_key(tmp_path):
     evaluation.evaluate(config, str(tmp_path / "run"))
 
 
+def test_sigma_mids_that_would_share_a_result_file_are_refused():
+  config = _config({**TRAIN, "eval.reference_stats": "x", "eval.reference_features": "y"})
+  config.eval.sigma_mid = (0.5286, 0.52860049)  # both name nfe2_sigma0.5286.json
+  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.sigma_mid=.*same result name"):
+    evaluation.validate(config, 1)
+  config.eval.sigma_mid = (0.5286, 0.5287)
+  evaluation.validate(config, 1)
+
+
 def test_missing_vgg16_weights_give_the_conversion_command(tmp_path, weights_path):
   missing = str(tmp_path / "nowhere" / "vgg16.npz")
   overrides = {**TRAIN, "eval.inception_weights": weights_path, "eval.reference_stats": "x"}
