@@ -81,7 +81,7 @@ def time_loader(data_dir: str, batch_size: int, batches: int, workers: int, late
   loader = input_pipeline.make_loader(
     data_dir, stats, global_batch_size=batch_size, seed=0, latent=latent
   )
-  mesh = mesh_lib.make_mesh(0)
+  mesh = mesh_lib.make_mesh(-1)
   it = input_pipeline.GlobalBatches(loader, mesh, worker_count=workers)
   for _ in range(5):
     jax.block_until_ready(next(it))

@@ -20,7 +20,6 @@ def get_config() -> ml_collections.ConfigDict:
   data.num_examples = 70_000  # training latents; with train.num_epochs gives the total steps K
   data.latent_shape = (32, 32, 4)  # H, W, C (NHWC everywhere in lct_jax)
   data.autoencoder = "stabilityai/sd-vae-ft-ema"  # or "pixel" (exact space-to-depth, no weights)
-  data.scale_factor = 0.18215
   data.sigma_data = 0.5  # latents are standardized per element, then multiplied by this
   data.use_flipped = False  # also train on the stored moments of h-flipped images
   data.encode_config = ""  # encode config to run when data.dir holds no finished dataset (demo)

@@ -5,7 +5,7 @@ exact 2x2 space-to-depth, so latents are 16x16x12 and decode losslessly); traini
 job itself when the latents are missing. No VAE weights are reachable offline, and the UNet's cost
 scales with spatial positions, so 16x16 latents train as fast as 16x16 pixels on two cores.
 The method is the paper's (Cauchy loss, diffusion loss, exact OT, adaptive c, NsLN, s0=10, s1=640)
-on a ~0.4M-parameter UNet, with a short EMA (0.999) because the run is short.
+on a ~0.8M-parameter UNet, with a short EMA (0.999) because the run is short.
 """
 
 from configs import default

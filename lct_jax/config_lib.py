@@ -34,14 +34,17 @@ def _fail(key: str, value: Any, why: str) -> None:
 LATER_KEYS = {"model.attention": "auto", "model.kernel_layout": "HWIO"}
 # Keys replaced after runs were made: old key -> (new key, old value -> new value).
 RENAMED_KEYS = {"data.sample_posterior": ("data.latent", {False: "mean", True: "fresh"})}
+# Keys removed after runs were made (nothing read them): dropped from an old run's config.json.
+# data.scale_factor: the VAE's 0.18215 cancels under the per-element standardization of method.md.
+DROPPED_KEYS = ("data.scale_factor",)
 # data.latent: what a training row is (io.latents.LATENT_MODES): the encode job's frozen posterior
 # draw (method.md §9.16), the posterior mean, or a fresh draw each step.
 LATENTS = ("sample", "mean", "fresh")
 
 
 def upgrade_saved_config(flat: dict[str, Any]) -> dict[str, Any]:
-  """A run's flattened config.json as the current keys express it (LATER_KEYS, RENAMED_KEYS)."""
-  out = dict(LATER_KEYS, **flat)
+  """A run's flattened config.json in the current keys (LATER_KEYS, RENAMED_KEYS, DROPPED_KEYS)."""
+  out = {k: v for k, v in dict(LATER_KEYS, **flat).items() if k not in DROPPED_KEYS}
   for old, (new, values) in RENAMED_KEYS.items():
     if old in out:
       out[new] = values[out.pop(old)]
@@ -102,8 +105,32 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _fail("ot.sinkhorn_epsilon", config.ot.sinkhorn_epsilon, "must be positive")
   if not 0 <= config.optim.ema_decay < 1:
     _fail("optim.ema_decay", config.optim.ema_decay, "must lie in [0, 1)")
-  if config.optim.learning_rate <= 0:
-    _fail("optim.learning_rate", config.optim.learning_rate, "must be positive")
+  optim = config.optim
+  if optim.learning_rate <= 0:
+    _fail("optim.learning_rate", optim.learning_rate, "must be positive")
+  for key in ("b1", "b2"):
+    if not 0 <= optim[key] < 1:
+      _fail(f"optim.{key}", optim[key], "must lie in [0, 1)")
+  if optim.eps <= 0:
+    _fail("optim.eps", optim.eps, "must be positive")
+  for key in ("warmup_steps", "grad_clip", "weight_decay"):
+    if optim[key] < 0:
+      _fail(f"optim.{key}", optim[key], "must be >= 0 (0: none)")
+  if config.data.sigma_data <= 0:
+    _fail("data.sigma_data", config.data.sigma_data, "must be positive")
+  # Periods and counts where 0 has no "off" meaning (orbax would turn them into 1).
+  for key in ("train.log_every_steps", "train.max_consecutive_nonfinite", "ckpt.every_steps"):
+    if _get(config, key) < 1:
+      _fail(key, _get(config, key), "must be at least 1")
+  if config.ckpt.keep < 1:
+    _fail("ckpt.keep", config.ckpt.keep, "must be at least 1 (the newest checkpoints kept)")
+  grid = config.train.num_grid_samples
+  if config.train.sample_every_steps > 0 and (grid < 1 or (num_devices and grid % num_devices)):
+    _fail(
+      "train.num_grid_samples",
+      grid,
+      f"must be a positive multiple of the {num_devices} devices (train.sample_every_steps > 0)",
+    )
   batch = config.train.global_batch_size
   if batch < 1:
     _fail("train.global_batch_size", batch, "must be positive")
@@ -129,6 +156,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       "data.latent_shape",
       shape,
       f"must be (H, H, C) with H divisible by 2^{levels - 1} (model.channel_mult)",
+    )
+  levels_res = [shape[0] // 2**level for level in range(levels)]
+  unused = [r for r in config.model.attn_resolutions if r not in levels_res]
+  if unused:
+    _fail(
+      "model.attn_resolutions",
+      tuple(config.model.attn_resolutions),
+      f"{unused} match no level of the network (its resolutions: {levels_res})",
     )
   for s in config.eval.sigma_mid:
     if not lct.sigma_min < s < lct.sigma_max:

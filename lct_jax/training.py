@@ -154,7 +154,7 @@ def _loop(
   config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh, epoch_examples
 ) -> None:
   start = int(jax.device_get(state.step))
-  log_every = max(1, config.train.log_every_steps)
+  log_every = config.train.log_every_steps
   sample_every = config.train.sample_every_steps
   sampler = ae = None
   if sample_every > 0:
@@ -178,6 +178,11 @@ def _loop(
     state, metrics = trainer.train_step(state, batch)
     step += 1
     report(step)
+    if step == start + 1 and step % log_every and step != total:
+      # The first window's rates start after the first step, which includes the compile (one
+      # wait per start of the job; no value is read).
+      jax.block_until_ready(state.step)
+      last_t, last_wait, last_step = time.perf_counter(), batches.wait_s, step
     if step % log_every == 0 or step == total:
       scalars = _scalars(jax.device_get(metrics), jax.device_get(state.nonfinite_steps))
       now = time.perf_counter()
@@ -208,13 +213,14 @@ def _loop(
           f"(train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}); "
           f"last good checkpoint: {f'step {good[-1]}' if good else 'none'} in {ckpt.directory}"
         )
-    if ae is not None and (step % sample_every == 0 or step == total):
-      write_sample_grid(step, state, sampler, ae, stats, config, mesh, writer, workdir)
+    # The save first: a failing sample grid must not lose the step, nor spend preemption's grace.
     preempted = ckpt.should_stop(step)
     ckpt.save(step, state, batches, force=preempted or step == stop)
     if preempted:
       logging.warning("Preemption signal: saved step %d, exiting.", step)
       break
+    if ae is not None and (step % sample_every == 0 or step == total):
+      write_sample_grid(step, state, sampler, ae, stats, config, mesh, writer, workdir)
   if not preempted and step == stop < total:
     logging.info("train.stop_after_steps=%d: saved step %d, exiting.", after, step)
   writer.flush()

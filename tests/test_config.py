@@ -30,6 +30,20 @@ from lct_jax.core import ot
     ("train.global_batch_size", 100, 8),
     ("optim.ema_decay", 1.0, None),
     ("data.latent_shape", (30, 30, 4), None),
+    ("data.sigma_data", 0.0, None),
+    ("optim.b1", 1.0, None),
+    ("optim.b2", 1.0, None),
+    ("optim.eps", 0.0, None),
+    ("optim.warmup_steps", -1, None),
+    ("optim.grad_clip", -1.0, None),
+    ("optim.weight_decay", -1e-4, None),
+    ("train.log_every_steps", 0, None),
+    ("train.max_consecutive_nonfinite", 0, None),  # would stop a healthy run at once
+    ("ckpt.every_steps", 0, None),
+    ("ckpt.keep", 0, None),
+    ("train.num_grid_samples", 0, None),
+    ("train.num_grid_samples", 64, 128),  # split over the devices
+    ("model.attn_resolutions", (16, 6), None),  # 6: no level of a 32x32 network (no attention)
   ],
 )
 def test_bad_values_name_their_key(key, value, num_devices):
@@ -145,3 +159,12 @@ def test_model_summary_tool_counts_the_paper_network():
   # The closed-form count of EDM's DhariwalUNet, written independently in test_unet.py.
   want = count_dhariwal_params(32, 4, 4, 128, (1, 2, 3, 4), 4, (16, 8), final_norm="nsln")
   assert f"Total parameters: {want:,}" in out
+
+
+def test_mesh_num_devices_zero_is_refused_not_all_devices():
+  from lct_jax.core import mesh as mesh_lib
+
+  for bad in (0, -2):
+    with pytest.raises(ValueError, match=f"config.mesh.num_devices={bad}"):
+      mesh_lib.make_mesh(bad)
+  assert mesh_lib.make_mesh(-1).size == mesh_lib.make_mesh(8).size == 8

@@ -357,6 +357,7 @@ def test_a_run_from_before_later_config_keys_resumes_but_not_a_changed_one(tmp_p
   # ... and before data.latent replaced data.sample_posterior (False: the posterior means).
   del saved["data"]["latent"]
   saved["data"]["sample_posterior"] = False
+  saved["data"]["scale_factor"] = 0.18215  # a key since removed (never read)
   (tmp_path / "config.json").write_text(json.dumps(saved))
   upgrade = config_lib.upgrade_saved_config
   with pytest.raises(ValueError, match="data.latent: 'mean' -> 'sample'"):
@@ -369,6 +370,9 @@ def test_a_run_from_before_later_config_keys_resumes_but_not_a_changed_one(tmp_p
   saved["data"]["sample_posterior"] = True  # a fresh draw per step
   (tmp_path / "config.json").write_text(json.dumps(saved))
   config.model.kernel_layout, config.data.latent = "HWIO", "fresh"
+  summaries.check_workdir(str(tmp_path), config, True, upgrade)
+  # Keys that change no training (the sample grid's size, e.g. for another device count) resume.
+  config.train.num_grid_samples, config.data.encode_config = 8, "configs/encode/other.py"
   summaries.check_workdir(str(tmp_path), config, True, upgrade)
 
 
@@ -669,7 +673,9 @@ def test_bad_input_is_a_clear_error_and_nothing_is_overwritten(case, straight, d
     change = {"data.dir": str(tmp_path / "empty_dir"), "data.encode_config": ""}
   elif change.get("data.dir") == "MISSING":
     change = {"data.dir": str(tmp_path / "missing"), "data.encode_config": ""}
-  config = th.load_config(dict(straight["overrides"], **change))
+  # The run's own device count (its sample grid of 4 splits over 4 devices, not over this
+  # process's 8).
+  config = th.load_config(dict(straight["overrides"], **{"mesh.num_devices": DEVICES}, **change))
   before = th.snapshot(work)
   with pytest.raises((ValueError, FileNotFoundError)) as err:
     training.train_and_evaluate(config, work)

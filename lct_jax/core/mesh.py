@@ -10,6 +10,8 @@ DATA_AXIS = "data"
 def make_mesh(num_devices: int = -1) -> Mesh:
   """A 1-D mesh over the first `num_devices` devices (-1: all), axis "data", automatic sharding."""
   devices = jax.devices()
+  if num_devices == 0 or num_devices < -1:
+    raise ValueError(f"config.mesh.num_devices={num_devices}: use -1 (all devices) or a count >= 1")
   if num_devices > len(devices):
     raise ValueError(f"config.mesh.num_devices={num_devices} but only {len(devices)} devices exist")
   if num_devices > 0:

@@ -23,6 +23,8 @@ RESUMABLE_PREFIXES = (
   "train.max_consecutive",
   "train.microbatches",
   "train.stop_after_steps",
+  "train.num_grid_samples",
+  "data.encode_config",
   "ckpt.",
   "eval.",
   "mesh.",
