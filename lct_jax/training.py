@@ -7,11 +7,13 @@ preemption and a clean stop after train.stop_after_steps. Metrics leave the devi
 steps.
 """
 
+import functools
 import importlib.util
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -66,8 +68,29 @@ def ensure_dataset(config: ml_collections.ConfigDict) -> str:
   return data_dir
 
 
-def _scalars(metrics: dict, nonfinite_steps) -> dict:
+# Metrics logged as means over the steps since the last log (over its finite steps, as the
+# update skips the others); the rest (N, c, learning rate) are the logging step's values, and
+# `nonfinite` counts the window's skipped steps.
+WINDOW_MEANS = ("loss", "ct_loss", "diff_loss", "grad_norm", "diff_fraction")
+
+
+def _window_add(window: dict | None, metrics: dict) -> dict:
+  """Adds one step's metrics to the window's sums, on the device (read only at logging steps)."""
+  finite = metrics["nonfinite"] == 0
+  step = {k: jnp.where(finite, metrics[k], 0.0) for k in WINDOW_MEANS}
+  step.update(finite_steps=finite.astype(jnp.int32), nonfinite=metrics["nonfinite"])
+  return step if window is None else jax.tree.map(jnp.add, window, step)
+
+
+_window_start = jax.jit(functools.partial(_window_add, None))
+_window_next = jax.jit(_window_add, donate_argnums=0)
+
+
+def _scalars(metrics: dict, window: dict, nonfinite_steps) -> dict:
   out = {k: float(np.asarray(v)) for k, v in metrics.items()}
+  if window["finite_steps"] > 0:  # else the step's own (non-finite) values
+    out.update({k: float(window[k]) / int(window["finite_steps"]) for k in WINDOW_MEANS})
+  out["nonfinite"] = int(window["nonfinite"])
   out["nonfinite_steps"] = int(nonfinite_steps)
   return out
 
@@ -173,9 +196,11 @@ def _loop(
   after = config.train.stop_after_steps
   stop = min(total, start + after) if after > 0 else total
   preempted = False
+  window = None  # the metrics' sums since the last log (_window_add)
   while step < stop:
     batch = next(batches)
     state, metrics = trainer.train_step(state, batch)
+    window = _window_start(metrics) if window is None else _window_next(window, metrics)
     step += 1
     report(step)
     if step == start + 1 and step % log_every and step != total:
@@ -184,7 +209,10 @@ def _loop(
       jax.block_until_ready(state.step)
       last_t, last_wait, last_step = time.perf_counter(), batches.wait_s, step
     if step % log_every == 0 or step == total:
-      scalars = _scalars(jax.device_get(metrics), jax.device_get(state.nonfinite_steps))
+      scalars = _scalars(
+        jax.device_get(metrics), jax.device_get(window), jax.device_get(state.nonfinite_steps)
+      )
+      window = None
       now = time.perf_counter()
       elapsed = max(now - last_t, 1e-9)
       scalars["img_per_s"] = (step - last_step) * config.train.global_batch_size / elapsed

@@ -489,6 +489,24 @@ def _read_events(workdir):
   return tensors
 
 
+def test_logged_losses_are_means_over_the_window(straight, cache_dir, tmp_path):
+  """The same run logging every 3 steps: the losses, gradient norm and diffusion fraction are the
+  means of the per-step values that `straight` logged (every step); N, c and the learning rate
+  are the logging step's."""
+  overrides = dict(straight["overrides"], **{"train.log_every_steps": 3})
+  th.run_ok(tmp_path / "work", overrides, th.job_env(cache_dir, DEVICES), tmp_path / "log.txt")
+  per_step = _read_events(straight["workdir"])
+  windowed = _read_events(str(tmp_path / "work"))
+  assert set(windowed["loss"]) == {3, 6}
+  for end in (3, 6):
+    for tag in ("loss", "ct_loss", "diff_loss", "grad_norm", "diff_fraction"):
+      want = np.mean([float(per_step[tag][k]) for k in range(end - 2, end + 1)], dtype=np.float64)
+      np.testing.assert_allclose(float(windowed[tag][end]), want, rtol=1e-5, err_msg=tag)
+    for tag in ("num_scales", "c", "learning_rate"):
+      assert float(windowed[tag][end]) == float(per_step[tag][end]), tag
+    assert int(windowed["nonfinite"][end]) == 0
+
+
 def test_event_files_config_json_and_sample_grid(straight):
   work = straight["workdir"]
   assert [n for n in os.listdir(work) if n.startswith("events.out.tfevents")]
