@@ -44,7 +44,7 @@ preempted jobs are requeued and resume from the newest checkpoint.
 Options (flag, or the environment variable in brackets; unset ones keep the batch script's
 #SBATCH defaults: 2 nodes, 8 GPUs per node, 24:00:00):
   --config PATH          ml_collections config, relative to the repository root [LCT_CONFIG] (required)
-  --workdir DIR          on a filesystem every node sees, or gs:// [LCT_WORKDIR]            (required)
+  --workdir DIR          on a filesystem every node sees (no URLs) [LCT_WORKDIR]            (required)
   --nodes N              number of nodes = number of jax processes [LCT_NODES]
   --gpus-per-node G      GPUs per node [LCT_GPUS_PER_NODE]
   --time T               time limit, e.g. 24:00:00 or 2-00:00:00 [LCT_TIME]

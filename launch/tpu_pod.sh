@@ -75,7 +75,7 @@ Options for every subcommand (flag, or the environment variable in brackets):
 Examples:
   $PROG --dry-run create --name=lct-v4 --zone=us-central2-b --type=v4-32 --version=tpu-ubuntu2204-base --spot
   $PROG setup --name=lct-v4 --zone=us-central2-b
-  $PROG train --name=lct-v4 --zone=us-central2-b --config=configs/ffhq.py --workdir=gs://BUCKET/ffhq --config.train.global_batch_size=512
+  $PROG train --name=lct-v4 --zone=us-central2-b --config=configs/ffhq.py --workdir=/mnt/shared/ffhq --config.train.global_batch_size=512
   $PROG logs --name=lct-v4 --zone=us-central2-b --worker=0 --follow
   $PROG stop --name=lct-v4 --zone=us-central2-b
   $PROG delete --name=lct-v4 --zone=us-central2-b
@@ -131,8 +131,9 @@ Refuses on a worker where a train/eval job is already running. Rerunning '$PROG 
 workdir resumes from the newest checkpoint.
 
   --config PATH      ml_collections config, relative to the repository root [LCT_CONFIG]
-  --workdir DIR      gs://BUCKET/DIR (all hosts of a multi-host slice must see the same directory)
-                     or a path on the workers [LCT_WORKDIR]
+  --workdir DIR      a directory every worker sees at the same path (an NFS / Filestore share;
+                     a single-host slice may use its own disk) [LCT_WORKDIR]; URLs are refused:
+                     the binaries write checkpoints with local file I/O
   --env KEY=VALUE    environment variable for the job (repeatable), e.g. --env LIBTPU_INIT_ARGS=...
   --config.a.b=V     config overrides, passed through unchanged (also accepted after '--')
 EOF
@@ -169,7 +170,7 @@ help_delete() {
 Usage: $PROG delete --name NAME --zone ZONE [--yes]
 
 Delete the TPU VM slice (gcloud compute tpus tpu-vm delete). Local disks of the workers are lost;
-gs:// workdirs stay.
+a workdir on a share outside the slice stays.
   --yes              do not ask for confirmation (passes --quiet to gcloud)
 EOF
 }
@@ -411,9 +412,9 @@ cmd_train_or_eval() {
   local job=$1 module=lct_jax.main
   [[ $job == eval ]] && module=lct_jax.evaluate
   [[ -n $CONFIG ]] || die "missing --config (or LCT_CONFIG), e.g. --config=configs/ffhq.py"
-  [[ -n $WORKDIR ]] || die "missing --workdir (or LCT_WORKDIR), e.g. --workdir=gs://BUCKET/run"
-  [[ $WORKDIR == gs://* ]] ||
-    warn "--workdir=$WORKDIR is not gs://: each worker writes to its own disk; a multi-host slice needs one directory that every host sees"
+  [[ -n $WORKDIR ]] || die "missing --workdir (or LCT_WORKDIR), e.g. --workdir=/mnt/shared/run"
+  [[ $WORKDIR != *://* ]] ||
+    die "--workdir=$WORKDIR: URLs are not supported (the binaries write checkpoints with local file I/O); give a directory every worker sees, e.g. an NFS / Filestore share mounted at the same path"
 
   local words=("$module" --config="$CONFIG" --workdir="$WORKDIR")
   words+=(${OVERRIDES[@]+"${OVERRIDES[@]}"} --config.mesh.distributed=True)

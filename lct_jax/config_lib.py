@@ -51,6 +51,21 @@ def upgrade_saved_config(flat: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def check_local_path(name: str, path: str) -> None:
+  """Refuses a URL (gs://, s3://, ...) where lct_jax writes or reads with local file I/O.
+
+  The workdir's checkpoints, config.json, results and samples, and the latent dataset's metadata,
+  go through os / open: a URL there became a local folder named "gs:" in the working directory
+  (on a TPU VM, lost with its disk, and one per host), while only the TensorBoard events reached
+  the bucket.
+  """
+  if "://" in str(path):
+    raise ValueError(
+      f"{name}={path}: URLs are not supported here (lct_jax writes it with local file I/O); give "
+      "a directory every host sees, e.g. an NFS / Filestore share (launch/README.md)"
+    )
+
+
 def _one_of(config: ml_collections.ConfigDict, key: str, allowed: tuple[str, ...]) -> None:
   value = _get(config, key)
   if value not in allowed:

@@ -431,6 +431,8 @@ def evaluate(
     FileNotFoundError: no checkpoint (without `follow`), or a missing input file.
     TimeoutError: `follow` saw no new checkpoint for eval.follow_timeout_s.
   """
+  config_lib.check_local_path("--workdir", workdir)
+  config_lib.check_local_path("config.data.dir", config.data.dir)
   m = config.mesh
   if m.distributed:
     mesh_lib.initialize_distributed(

@@ -116,6 +116,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
       before anything in the workdir is written.
     NonFiniteLossError: after train.max_consecutive_nonfinite non-finite steps in a row.
   """
+  config_lib.check_local_path("--workdir", workdir)
+  config_lib.check_local_path("config.data.dir", config.data.dir)
   m = config.mesh
   if m.distributed:
     mesh_lib.initialize_distributed(

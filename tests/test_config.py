@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 
@@ -168,3 +169,23 @@ def test_mesh_num_devices_zero_is_refused_not_all_devices():
     with pytest.raises(ValueError, match=f"config.mesh.num_devices={bad}"):
       mesh_lib.make_mesh(bad)
   assert mesh_lib.make_mesh(-1).size == mesh_lib.make_mesh(8).size == 8
+
+
+def test_url_workdirs_and_data_dirs_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+  # os / open on "gs://b/run" write a local folder "gs:" (checkpoints lost with the host's disk).
+  from lct_jax import evaluation, training
+  from lct_jax.io import encode_config, encoding
+
+  monkeypatch.chdir(tmp_path)
+  config = test_config.get_config()
+  for fn in (training.train_and_evaluate, evaluation.evaluate):
+    with pytest.raises(ValueError, match="--workdir=gs://b/run: URLs are not supported"):
+      fn(config, "gs://b/run")
+  config.data.dir = "gs://b/latents"
+  with pytest.raises(ValueError, match="config.data.dir=gs://b/latents: URLs"):
+    training.train_and_evaluate(config, str(tmp_path / "run"))
+  enc = encode_config.get_base_config()
+  enc.output_dir = "s3://b/latents"
+  with pytest.raises(ValueError, match="config.output_dir=s3://b/latents: URLs"):
+    encoding.encode_dataset(enc)
+  assert os.listdir(tmp_path) == []

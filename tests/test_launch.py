@@ -202,7 +202,7 @@ def test_tpu_dry_run_train_and_eval(fake):
       *BASE,
       "--config",
       "configs/ffhq.py",
-      "--workdir=gs://bucket/ffhq",
+      "--workdir=/mnt/shared/ffhq",
       overrides[0],
       "--env",
       "LIBTPU_INIT_ARGS=--xla_x=1",
@@ -217,7 +217,7 @@ def test_tpu_dry_run_train_and_eval(fake):
     for piece in (
       f"-m {module} ",
       "--config=configs/ffhq.py",
-      "--workdir=gs://bucket/ffhq",
+      "--workdir=/mnt/shared/ffhq",
       overrides[0],
       '"--config.data.name=two words"',
       "LIBTPU_INIT_ARGS=--xla_x=1",
@@ -231,8 +231,19 @@ def test_tpu_dry_run_train_and_eval(fake):
     # distributed=True comes after the user's overrides, so it wins.
     assert line.index("--config.mesh.distributed=True") > line.index("two words")
     assert "warning" not in proc.stderr
-  proc = sh(TPU, "--dry-run", "train", *BASE, "--config=c.py", "--workdir=/local/dir", env=fake.env)
-  assert "not gs://" in proc.stderr
+  # A URL workdir would become a local "gs:" folder on each worker (the binaries write it with
+  # local file I/O): refused before anything runs.
+  proc = sh(
+    TPU,
+    "--dry-run",
+    "train",
+    *BASE,
+    "--config=c.py",
+    "--workdir=gs://b/r",
+    env=fake.env,
+    check=False,
+  )
+  assert proc.returncode == 2 and "--workdir=gs://b/r: URLs" in proc.stderr
   assert fake.calls() == []
 
 
@@ -332,7 +343,7 @@ def test_tpu_real_runs_call_gcloud(fake):
     "train",
     *BASE,
     "--config=configs/ffhq.py",
-    "--workdir=gs://b/r",
+    "--workdir=/mnt/shared/r",
     "--config.x.y=3",
     env=fake.env,
   )
@@ -417,7 +428,7 @@ def test_tpu_train_then_stop_on_a_fake_worker(fake, tmp_path):
     "train",
     *BASE,
     "--config=configs/test.py",
-    "--workdir=gs://b/run",
+    "--workdir=/mnt/shared/run",
     "--config.train.num_epochs=1",
   ]
   # Bystanders that stop must leave alone: one with "lct_jax" in its command line (a name-based
@@ -439,7 +450,7 @@ def test_tpu_train_then_stop_on_a_fake_worker(fake, tmp_path):
       time.sleep(0.05)
     assert _pid_alive(pid)
     assert (
-      "args: -m lct_jax.main --config=configs/test.py --workdir=gs://b/run "
+      "args: -m lct_jax.main --config=configs/test.py --workdir=/mnt/shared/run "
       "--config.train.num_epochs=1 --config.mesh.distributed=True" in marker.read_text()
     )
     assert "start train" in (remote / "run" / "train.log").read_text()

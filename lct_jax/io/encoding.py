@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from lct_jax import config_lib
 from lct_jax.io import autoencoder as ae_lib
 from lct_jax.io import image_sources
 from lct_jax.io import latent_dataset as ld
@@ -287,6 +288,7 @@ def encode_dataset(config: Any) -> dict[str, Any]:
   t0 = time.time()
   if not config.output_dir:
     raise ValueError("output_dir is empty; set --config.output_dir")
+  config_lib.check_local_path("config.output_dir", config.output_dir)
   if not 0.0 <= config.max_bad_fraction <= 1.0:
     raise ValueError(f"max_bad_fraction={config.max_bad_fraction} must lie in [0, 1]")
   for key in ("shard_size", "batch_size", "resolution"):
