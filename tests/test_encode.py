@@ -421,15 +421,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_encode_disjoint_halves(vae, tmp_path):
-  _, _, vae_dir = vae
-  _make_images(tmp_path / "img")
-  out = tmp_path / "multi"
+def _two_processes(images, out, vae_dir, timeout=240):
+  """The encode job as two processes of one jax.distributed job; [(returncode, stdout, stderr)]."""
   port = _free_port()
   procs = [
     subprocess.Popen(
       _cmd(
-        tmp_path / "img",
+        images,
         out,
         vae_dir,
         "--config.distributed=True",
@@ -445,7 +443,31 @@ def test_two_processes_encode_disjoint_halves(vae, tmp_path):
     )
     for i in range(2)
   ]
-  outputs = [p.communicate(timeout=240) for p in procs]
+  try:
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return procs, outputs
+
+
+def test_two_processes_stop_together_on_too_many_bad_images(vae, tmp_path):
+  # The broken image is in shard 1 (ids 2-3), process 1's: it must not stop alone (process 0
+  # would wait at the barrier for ever); process 0 reports the total after it.
+  _, _, vae_dir = vae
+  _make_images(tmp_path / "img")
+  (tmp_path / "img" / "cat" / "img_05.png").write_bytes(b"not a png")
+  procs, outputs = _two_processes(tmp_path / "img", tmp_path / "multi", vae_dir, timeout=150)
+  assert procs[1].returncode == 0, outputs[1][1][-3000:]
+  assert procs[0].returncode != 0 and "TooManyBadImagesError: 1 of 11" in outputs[0][1]
+  assert not ld.is_complete(str(tmp_path / "multi"))
+
+
+def test_two_processes_encode_disjoint_halves(vae, tmp_path):
+  _, _, vae_dir = vae
+  _make_images(tmp_path / "img")
+  out = tmp_path / "multi"
+  procs, outputs = _two_processes(tmp_path / "img", out, vae_dir)
   for p, (stdout, stderr) in zip(procs, outputs):
     assert p.returncode == 0, stderr[-3000:]
   summaries = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]

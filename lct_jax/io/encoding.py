@@ -345,8 +345,10 @@ def encode_dataset(config: Any) -> dict[str, Any]:
         summary["shards_written"] += 1
         summary["bytes"] += nbytes
         skipped += bad
-        # This process's count is a lower bound on the dataset's: past the limit, stop now.
-        if len(skipped) > config.max_bad_fraction * num_images:
+        # This process's count is a lower bound on the dataset's: past the limit, stop now. Only
+        # alone: with several processes the others would wait at the barrier below for ever;
+        # process 0 checks the total there.
+        if nproc == 1 and len(skipped) > config.max_bad_fraction * num_images:
           first = "; ".join(f"{b['id']}: {b['error']}" for b in skipped[:3])
           raise TooManyBadImagesError(
             f"{len(skipped)} images could not be read by shard {shard} of {num_shards}, more than "
