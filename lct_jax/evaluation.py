@@ -17,8 +17,9 @@ rerun (or `--follow` restarted) skips every (checkpoint, run) whose JSON exists;
 other settings (scoring.SETTINGS_KEYS and the sampler's) is an error, never overwritten. After
 each checkpoint, summary.json is rewritten from the current results (method.md §9.10): per run and
 FID variant, the newest scored checkpoint's FID and the lowest FID among the last
-eval.best_of_last scored checkpoints, with their steps. Sample i draws its noise from fold_in(PRNGKey(eval.seed), i) and every stage is per-sample, so the image set does
-not depend on the device count, process count or batch size. Multi-host: each global batch of
+eval.best_of_last scored checkpoints, with their steps. Sample i draws its noise from
+fold_in(PRNGKey(eval.seed), i) and every stage is per-sample, so the image set does not depend on
+the device count, process count or batch size. Multi-host: each global batch of
 indices is sharded over all devices, every process handles the rows on its own devices; process 0
 decides which checkpoint comes next and writes the files.
 """

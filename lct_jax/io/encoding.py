@@ -56,6 +56,11 @@ CONTENT_KEYS = (
 class TooManyBadImagesError(RuntimeError):
   """More unreadable images than `max_bad_fraction` allows."""
 
+  ADVICE = (
+    "The good shards are kept: fix the images and use a new output_dir, or rerun with a larger "
+    "max_bad_fraction."
+  )
+
 
 def _fingerprint(
   config: Any, ae: ae_lib.Autoencoder, source: image_sources.ImageSource, num_images: int
@@ -241,8 +246,8 @@ def _finalize(
   if len(skipped) > config.max_bad_fraction * num_images:
     raise TooManyBadImagesError(
       f"{len(skipped)} of {num_images} images could not be read, more than max_bad_fraction="
-      f"{config.max_bad_fraction}; see {os.path.join(folder, SKIPPED_FILENAME)}. The good shards "
-      "are kept: fix the images and use a new output_dir, or rerun with a larger max_bad_fraction."
+      f"{config.max_bad_fraction}; see {os.path.join(folder, SKIPPED_FILENAME)}. "
+      + TooManyBadImagesError.ADVICE
     )
   common = dict(
     autoencoder=ae.identity,
@@ -340,11 +345,11 @@ def encode_dataset(config: Any) -> dict[str, Any]:
         read, bad, nbytes = _encode_shard(
           shard, num_shards, source, num_images, config, encoder, features, progress
         )
+        skipped += bad
         summary["images_read"] += read
-        summary["images_skipped"] += len(bad)
+        summary["images_skipped"] = len(skipped)
         summary["shards_written"] += 1
         summary["bytes"] += nbytes
-        skipped += bad
         # This process's count is a lower bound on the dataset's: past the limit, stop now. Only
         # alone: with several processes the others would wait at the barrier below for ever;
         # process 0 checks the total there.
@@ -353,8 +358,7 @@ def encode_dataset(config: Any) -> dict[str, Any]:
           raise TooManyBadImagesError(
             f"{len(skipped)} images could not be read by shard {shard} of {num_shards}, more than "
             f"max_bad_fraction={config.max_bad_fraction} of {num_images}; stopped early (first: "
-            f"{first}). The finished shards are kept: fix the images and use a new output_dir, "
-            "or rerun with a larger max_bad_fraction."
+            f"{first}). " + TooManyBadImagesError.ADVICE
           )
         if config.get("sleep_after_shard", 0.0):
           time.sleep(config.sleep_after_shard)
