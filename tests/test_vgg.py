@@ -1,12 +1,15 @@
 """Tests of the VGG16 precision/recall features: lct_jax.fid.vgg and lct_jax.tools.convert_vgg16.
 
-Neither real weights file can be downloaded here, so a torchvision VGG16 with random weights (and
-random biases, so that a lost bias shows) stands in: saved as torchvision's state dict, and laid
-out as NVIDIA's StyleGAN2-ADA TorchScript vgg16.pt (a scripted module whose `layers` hold
-conv1..conv13, fc1..fc3 and LPIPS heads). The Flax network is compared with torchvision's on the
+Neither real weights file can be downloaded here, so a VGG16 built in torch with torchvision's
+module layout and initialisation (configuration D: `features.N`, `avgpool`, `classifier.N`), random
+weights and random biases (so that a lost bias shows) stands in: saved as torchvision's state dict,
+and laid out as NVIDIA's StyleGAN2-ADA TorchScript vgg16.pt (a scripted module whose `layers` hold
+conv1..conv13, fc1..fc3 and LPIPS heads). The Flax network is compared with the torch one on the
 same normalised input, the two resizes with torch's interpolate and TensorFlow 1's
-resize_bilinear. VGG16 has 138M parameters and costs ~15 GFLOP per 224x224 image, so the model is
-built and converted once per module and only two images go through it.
+resize_bilinear. Where torchvision imports (not beside the CPU torch of requirements-torch.txt),
+the stand-in is also checked against torchvision's own VGG16. VGG16 has 138M parameters and costs
+~15 GFLOP per 224x224 image, so the model is built and converted once per module and only two
+images go through it.
 """
 
 import hashlib
@@ -29,14 +32,48 @@ def _torch():
   )
 
 
+# torchvision's VGG16 (configuration D): 3x3 convs with these widths, "M" a 2x2 max pool.
+_VGG16_D = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def _vgg16_torchvision_layout(torch):
+  """VGG16 in torch with torchvision's module names and indices and its weight initialisation
+  (Kaiming normal fan-out convs, N(0, 0.01) linears); the classifier's dropouts are off in eval."""
+  nn = torch.nn
+  layers, channels = [], 3
+  for width in _VGG16_D:
+    if width == "M":
+      layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    else:
+      layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+      channels = width
+  model = nn.Module()
+  model.features = nn.Sequential(*layers)
+  model.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+  model.classifier = nn.Sequential(
+    nn.Linear(512 * 7 * 7, 4096),
+    nn.ReLU(True),
+    nn.Dropout(),
+    nn.Linear(4096, 4096),
+    nn.ReLU(True),
+    nn.Dropout(),
+    nn.Linear(4096, 1000),
+  )
+  for module in model.modules():
+    if isinstance(module, nn.Conv2d):
+      nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(module, nn.Linear):
+      nn.init.normal_(module.weight, 0.0, 0.01)
+  return model.eval()
+
+
 @pytest.fixture(scope="module")
 def torch_vgg():
-  """torchvision's VGG16, random weights and biases, eval mode (dropout off)."""
+  """The torchvision-layout VGG16, random weights and biases, eval mode (dropout off)."""
   torch = _torch()
-  torchvision = pytest.importorskip("torchvision")
   torch.manual_seed(0)
   torch.set_num_threads(2)
-  model = torchvision.models.vgg16(weights=None).eval()
+  model = _vgg16_torchvision_layout(torch)
   with torch.no_grad():
     for module in model.modules():
       if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
@@ -102,7 +139,7 @@ def test_converter_maps_torchvision_state_dict(converted, torchvision_file, torc
 
 
 def _stylegan_layers(model):
-  """NVIDIA's `layers` submodule made of a torchvision VGG16's modules (the same tensors), plus
+  """NVIDIA's `layers` submodule made of the torch VGG16's modules (the same tensors), plus
   LPIPS' five 1x1 linear heads."""
   torch = _torch()
   layers = torch.nn.Module()
@@ -166,7 +203,7 @@ def test_converter_rejects_an_unknown_layout(tmp_path):
 
 
 def _torch_features(model, x_nchw):
-  """torchvision's forward up to classifier[:5] (fc1, ReLU, dropout, fc2, ReLU)."""
+  """VGG16's forward up to classifier[:5] (fc1, ReLU, dropout, fc2, ReLU)."""
   torch = _torch()
   with torch.no_grad():
     pooled = model.avgpool(model.features(x_nchw))
@@ -177,8 +214,29 @@ def _relative_error(got: np.ndarray, ref: np.ndarray) -> float:
   return float((np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)).max())
 
 
+def test_stand_in_is_torchvision_vgg16(torch_vgg):
+  """The stand-in is torchvision's VGG16: the same state-dict names and shapes and, holding the
+  stand-in's tensors, the same output. Skips where torchvision does not import."""
+  torch = _torch()
+  torchvision = pytest.importorskip(
+    "torchvision", reason="torchvision does not import here", exc_type=Exception
+  )
+  reference = torchvision.models.vgg16(weights=None).eval()
+  ours = torch_vgg.state_dict()
+  assert {k: tuple(v.shape) for k, v in reference.state_dict().items()} == {
+    k: tuple(v.shape) for k, v in ours.items()
+  }
+  reference.load_state_dict(ours)
+  x = torch.from_numpy(np.random.default_rng(2).normal(size=(2, 3, 64, 48)).astype(np.float32))
+  with torch.no_grad():
+    pooled = torch.flatten(torch_vgg.avgpool(torch_vgg.features(x)), 1)
+    np.testing.assert_allclose(
+      torch_vgg.classifier(pooled).numpy(), reference(x).numpy(), rtol=1e-6, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("hw", [(224, 224), (64, 48)])  # 64x48: a 2x1 map pooled to 7x7
-def test_network_matches_torchvision(flax_vgg, torch_vgg, hw):
+def test_network_matches_torch(flax_vgg, torch_vgg, hw):
   torch = _torch()
   x = np.random.default_rng(0).normal(size=(2, 3, *hw)).astype(np.float32)
   ref = _torch_features(torch_vgg, torch.from_numpy(x))
