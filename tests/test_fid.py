@@ -315,9 +315,13 @@ def test_allgather_merge_across_two_processes(tmp_path):
     )
     for i in range(2)
   ]
-  for proc in procs:
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err.decode()[-2000:]
+  try:
+    for i, proc in enumerate(procs):
+      _, err = proc.communicate(timeout=120)
+      assert proc.returncode == 0, f"process {i}: " + err.decode()[-2000:]
+  finally:  # a hung process must not outlive the test
+    for proc in procs:
+      proc.kill()
   feats = np.random.default_rng(4).normal(size=(50, 3)) + 7.0
   local = stats.FeatureStats.from_features(feats[:20]).merge(
     stats.FeatureStats.from_features(feats[20:])
