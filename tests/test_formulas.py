@@ -135,7 +135,9 @@ def test_interval_probabilities(n):
   logp = np.asarray(curriculum.interval_log_probs(jnp.asarray(n), PAPER), np.float64)
   assert logp.shape == (640,)
   assert np.all(np.isneginf(logp[n - 1 :]))
-  np.testing.assert_allclose(np.exp(logp[: n - 1]), np_interval_probs(n), rtol=2e-3, atol=1e-7)
+  # float32 sigmas leave ~1e-4 relative at N = 641; erf differences in the low-noise tail (erf
+  # near -1) left 2.4e-4 there before they were taken as erfc differences.
+  np.testing.assert_allclose(np.exp(logp[: n - 1]), np_interval_probs(n), rtol=1.5e-4, atol=0)
 
 
 def test_interval_sampling_frequencies():

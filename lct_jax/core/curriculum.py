@@ -60,13 +60,14 @@ def interval_log_probs(n: jax.Array, cfg: CurriculumConfig) -> jax.Array:
   """Log-probabilities of the interval index i in {0..N-2}, padded with -inf to s1 entries.
 
   p(i) is proportional to erf((ln sigma_i - P_mean)/(sqrt2 P_std)) - erf(same at sigma_{i+1}),
-  computed with erfc where both arguments are positive, where erf differences lose precision.
+  computed from the nearer tail where both arguments have one sign (erfc(b) - erfc(a) above the
+  mean, erfc(-a) - erfc(-b) below it), since erf differences near +-1 lose precision in float32.
   """
   idx = jnp.arange(cfg.max_intervals)
   scale = math.sqrt(2.0) * cfg.p_std
   a = (jnp.log(karras.karras_sigma(idx, n, cfg.noise)) - cfg.p_mean) / scale
   b = (jnp.log(karras.karras_sigma(idx + 1, n, cfg.noise)) - cfg.p_mean) / scale
-  mass = jnp.where(b > 0, erfc(b) - erfc(a), erf(a) - erf(b))
+  mass = jnp.where(b > 0, erfc(b) - erfc(a), jnp.where(a < 0, erfc(-a) - erfc(-b), erf(a) - erf(b)))
   valid = (idx < n - 1) & (mass > 0)
   logp = jnp.where(valid, jnp.log(jnp.where(valid, mass, 1.0)), -jnp.inf)
   return logp - jax.nn.logsumexp(logp)
