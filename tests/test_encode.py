@@ -6,13 +6,13 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import zipfile
 
 import jax.numpy as jnp
+import localhost
 import numpy as np
 import pytest
 from PIL import Image
@@ -415,15 +415,9 @@ def test_killed_job_resumes_to_same_dataset(vae, tmp_path):
     np.testing.assert_array_equal(a["mean"], b["mean"])
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _two_processes(images, out, vae_dir, timeout=240):
   """The encode job as two processes of one jax.distributed job; [(returncode, stdout, stderr)]."""
-  port = _free_port()
+  port = localhost.free_port()
   procs = [
     subprocess.Popen(
       _cmd(

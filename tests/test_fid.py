@@ -14,6 +14,7 @@ import subprocess
 import sys
 import zipfile
 
+import localhost
 import numpy as np
 import pytest
 from PIL import Image
@@ -293,11 +294,7 @@ np.savez(out, count=merged.count, s1=merged.feature_sum, s2=merged.outer_sum)
 def test_allgather_merge_across_two_processes(tmp_path):
   """Two JAX processes (gloo on localhost) each hold part of the features; both get the total,
   bit for bit what merging the two parts on one machine gives, whatever jax_enable_x64 says."""
-  import socket
-
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
+  port = localhost.free_port()
   script = tmp_path / "two_hosts.py"
   script.write_text(_TWO_HOST_SCRIPT)
   env = {

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import threading
 import grain
 import jax
 import jax.numpy as jnp
+import localhost
 import numpy as np
 import pytest
 import training_helpers as th
@@ -555,14 +555,8 @@ def test_event_files_config_json_and_sample_grid(straight):
 # -- two processes ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start_two_processes(work, overrides, cache_dir, logs_dir, tag) -> list[th.Job]:
-  port = _free_port()
+  port = localhost.free_port()
   return [
     th.Job(
       work,
