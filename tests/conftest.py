@@ -18,11 +18,44 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", False)
 
 
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_disk(config) -> tuple[str, float]:
+  where = config.option.basetemp or tempfile.gettempdir()
+  while not os.path.exists(where):
+    where = os.path.dirname(where)
+  return where, shutil.disk_usage(where).free / 1e9
+
+
+_LOWEST_FREE_GB = []
+
+
+def pytest_sessionstart(session) -> None:
+  """Prints the free disk where the tests write (with -q too): a full disk has killed a CI run
+  mid-suite (torch.save aborts the process), and the CI log's tail should say so."""
+  where, free = _free_disk(session.config)
+  _LOWEST_FREE_GB.append(free)
+  reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+  if reporter is not None:
+    reporter.write_line(f"free disk at {where}: {free:.1f} GB")
+
+
+def pytest_runtest_teardown(item) -> None:
+  _LOWEST_FREE_GB.append(_free_disk(item.config)[1])
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+  where, free = _free_disk(config)
+  terminalreporter.write_line(
+    f"free disk at {where}: {free:.1f} GB, lowest seen after a test {min(_LOWEST_FREE_GB):.1f} GB"
+  )
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ import time
 import diffusers  # noqa: F401
 import numpy as np
 import pytest
+import scratch
 import training_helpers as th
 from PIL import Image
 
@@ -472,17 +473,19 @@ def test_follow_gives_up_after_its_deadline(evaluated, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def vgg_weights(tmp_path_factory) -> str:
-  """A VGG16 .npz in the converter's format, with Flax's random initialisation."""
+def vgg_weights(tmp_path_factory):
+  """A VGG16 .npz in the converter's format, with Flax's random initialisation (~0.55 GB, removed
+  when the module ends)."""
   import jax
 
   variables = jax.jit(vgg.Vgg16().init)(jax.random.key(7), np.zeros((1, 32, 32, 3), np.float32))
   flat = {k: np.asarray(v) for k, v in inception.flatten_variables(variables).items()}
   rng = np.random.default_rng(7)  # nonzero biases
   flat.update({k: rng.normal(0, 0.05, v.shape) for k, v in flat.items() if k.endswith("bias")})
-  path = str(tmp_path_factory.mktemp("vgg") / "vgg16.npz")
-  vgg.save_weights(path, flat, {"resize": "tf1", "source_layout": "random (test)"})
-  return path
+  with scratch.scratch_dir(tmp_path_factory, "vgg", 0.6e9) as folder:
+    path = str(folder / "vgg16.npz")
+    vgg.save_weights(path, flat, {"resize": "tf1", "source_layout": "random (test)"})
+    yield path
 
 
 @pytest.fixture(scope="module")

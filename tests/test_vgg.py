@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 import pytest
+import scratch
 
 from lct_jax.fid import inception, npz_io, vgg
 from lct_jax.tools import convert_vgg16
@@ -81,23 +82,31 @@ def torch_vgg():
   return model
 
 
+# One VGG16 file is ~0.55 GB (fc1 alone is 25088 x 4096 float32).
+VGG16_BYTES = 0.56e9
+
+
 @pytest.fixture(scope="module")
-def torchvision_file(tmp_path_factory, torch_vgg) -> str:
+def converted(tmp_path_factory, torch_vgg) -> dict:
+  """The stand-in saved as torchvision's state dict and converted; what the tests read of it is
+  kept in memory (the .npz's arrays, the metadata, the .pth's sha256 and the loaded Flax model)
+  and both files are removed at once, so that only the StyleGAN layout test has VGG16s on disk."""
   torch = _torch()
-  path = str(tmp_path_factory.mktemp("vgg_src") / "vgg16-random.pth")
-  torch.save(torch_vgg.state_dict(), path)
-  return path
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, torchvision_file) -> tuple[str, dict]:
-  out = str(tmp_path_factory.mktemp("vgg_npz") / "vgg16.npz")
-  return out, convert_vgg16.convert(torchvision_file, out)
+  with scratch.scratch_dir(tmp_path_factory, "vgg", 2 * VGG16_BYTES) as folder:
+    src, out = str(folder / "vgg16-random.pth"), str(folder / "vgg16.npz")
+    torch.save(torch_vgg.state_dict(), src)
+    meta = convert_vgg16.convert(src, out)
+    return {
+      "meta": meta,
+      "src_sha256": _sha256(src),
+      "arrays": _npz_arrays(out),
+      "model": vgg.load_vgg16(out),
+    }
 
 
 @pytest.fixture(scope="module")
 def flax_vgg(converted) -> vgg.Vgg16Features:
-  return vgg.load_vgg16(converted[0])
+  return converted["model"]
 
 
 def _sha256(path: str) -> str:
@@ -105,11 +114,14 @@ def _sha256(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def _check_mapping(npz_path: str, convs: list, fcs: list) -> None:
-  """Every Flax array equals its source tensor: conv (O, I, kh, kw) -> kernel[kh, kw, I, O],
+def _npz_arrays(path: str) -> dict[str, np.ndarray]:
+  with np.load(path) as data:
+    return {k: data[k] for k in data.files if not k.startswith("__")}
+
+
+def _check_mapping(arrays: dict[str, np.ndarray], convs: list, fcs: list) -> None:
+  """Every converted array equals its source tensor: conv (O, I, kh, kw) -> kernel[kh, kw, I, O],
   linear (out, in) -> kernel[in, out], biases as they are."""
-  with np.load(npz_path) as data:
-    arrays = {k: data[k] for k in data.files if not k.startswith("__")}
   want = {}
   for name, module in [(f"conv{i}", m) for i, m in enumerate(convs, 1)] + [
     ("fc1", fcs[0]),
@@ -127,14 +139,14 @@ def _check_mapping(npz_path: str, convs: list, fcs: list) -> None:
 # The converter.
 
 
-def test_converter_maps_torchvision_state_dict(converted, torchvision_file, torch_vgg):
-  out, meta = converted
+def test_converter_maps_torchvision_state_dict(converted, torch_vgg):
+  meta = converted["meta"]
   convs = [m for m in torch_vgg.features if m.__class__.__name__ == "Conv2d"]
   assert len(convs) == 13
-  _check_mapping(out, convs, [torch_vgg.classifier[0], torch_vgg.classifier[3]])
+  _check_mapping(converted["arrays"], convs, [torch_vgg.classifier[0], torch_vgg.classifier[3]])
   assert meta["source_layout"] == "torchvision" and meta["resize"] == "torchvision"
   assert meta["source_kind"] == "state_dict"
-  assert meta["source_sha256"] == _sha256(torchvision_file)
+  assert meta["source_sha256"] == converted["src_sha256"]
   assert meta["dropped_tensors"] == ["classifier.6.bias", "classifier.6.weight"]
 
 
@@ -153,7 +165,7 @@ def _stylegan_layers(model):
   return layers, convs
 
 
-def test_converter_reads_stylegan_torchscript_layout(tmp_path, torch_vgg, converted):
+def test_converter_reads_stylegan_torchscript_layout(tmp_path_factory, torch_vgg, converted):
   torch = _torch()
 
   class Vgg16StyleGan(torch.nn.Module):
@@ -166,26 +178,27 @@ def test_converter_reads_stylegan_torchscript_layout(tmp_path, torch_vgg, conver
 
   layers, convs = _stylegan_layers(torch_vgg)
   scripted = torch.jit.trace(Vgg16StyleGan(layers).eval(), torch.zeros(1, 25088))
-  src = str(tmp_path / "vgg16.pt")
-  scripted.save(src)
-  assert any(k.startswith("layers.lpips4") for k in torch.jit.load(src).state_dict())
-  out = str(tmp_path / "from_pt.npz")
-  subprocess.run(  # the command line, as the README gives it
-    [sys.executable, "-m", "lct_jax.tools.convert_vgg16", f"--input={src}", f"--output={out}"],
-    cwd=REPO,
-    check=True,
-    capture_output=True,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
-  )
-  _check_mapping(out, convs, [layers.fc1, layers.fc2])
-  with np.load(out) as data:
-    meta = npz_io.load_meta(data)
-  assert meta["source_layout"] == "stylegan2-ada" and meta["resize"] == "tf1"
-  assert meta["source_kind"] == "torchscript" and meta["source_sha256"] == _sha256(src)
-  assert meta["dropped_tensors"] == sorted(
-    ["layers.fc3.weight", "layers.fc3.bias"] + [f"layers.lpips{i}.weight" for i in range(5)]
-  )
-  assert meta["params_sha256"] == converted[1]["params_sha256"]  # the same numbers
+  with scratch.scratch_dir(tmp_path_factory, "vgg_pt", 2 * VGG16_BYTES) as folder:
+    src = str(folder / "vgg16.pt")
+    scripted.save(src)
+    assert any(k.startswith("layers.lpips4") for k in torch.jit.load(src).state_dict())
+    out = str(folder / "from_pt.npz")
+    subprocess.run(  # the command line, as the README gives it
+      [sys.executable, "-m", "lct_jax.tools.convert_vgg16", f"--input={src}", f"--output={out}"],
+      cwd=REPO,
+      check=True,
+      capture_output=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+    )
+    _check_mapping(_npz_arrays(out), convs, [layers.fc1, layers.fc2])
+    with np.load(out) as data:
+      meta = npz_io.load_meta(data)
+    assert meta["source_layout"] == "stylegan2-ada" and meta["resize"] == "tf1"
+    assert meta["source_kind"] == "torchscript" and meta["source_sha256"] == _sha256(src)
+    assert meta["dropped_tensors"] == sorted(
+      ["layers.fc3.weight", "layers.fc3.bias"] + [f"layers.lpips{i}.weight" for i in range(5)]
+    )
+    assert meta["params_sha256"] == converted["meta"]["params_sha256"]  # the same numbers
 
 
 def test_converter_rejects_an_unknown_layout(tmp_path):
