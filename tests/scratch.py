@@ -11,6 +11,10 @@ import shutil
 
 import pytest
 
+# One VGG16 weights file (.pth, TorchScript .pt or converted .npz): ~0.55 GB, fc1 alone being
+# 25088 x 4096 float32.
+VGG16_BYTES = 0.56e9
+
 
 @contextlib.contextmanager
 def scratch_dir(tmp_path_factory, name: str, need_bytes: float):

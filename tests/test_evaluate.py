@@ -482,7 +482,7 @@ def vgg_weights(tmp_path_factory):
   flat = {k: np.asarray(v) for k, v in inception.flatten_variables(variables).items()}
   rng = np.random.default_rng(7)  # nonzero biases
   flat.update({k: rng.normal(0, 0.05, v.shape) for k, v in flat.items() if k.endswith("bias")})
-  with scratch.scratch_dir(tmp_path_factory, "vgg", 0.6e9) as folder:
+  with scratch.scratch_dir(tmp_path_factory, "vgg", scratch.VGG16_BYTES) as folder:
     path = str(folder / "vgg16.npz")
     vgg.save_weights(path, flat, {"resize": "tf1", "source_layout": "random (test)"})
     yield path

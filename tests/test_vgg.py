@@ -82,17 +82,13 @@ def torch_vgg():
   return model
 
 
-# One VGG16 file is ~0.55 GB (fc1 alone is 25088 x 4096 float32).
-VGG16_BYTES = 0.56e9
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, torch_vgg) -> dict:
   """The stand-in saved as torchvision's state dict and converted; what the tests read of it is
   kept in memory (the .npz's arrays, the metadata, the .pth's sha256 and the loaded Flax model)
   and both files are removed at once, so that only the StyleGAN layout test has VGG16s on disk."""
   torch = _torch()
-  with scratch.scratch_dir(tmp_path_factory, "vgg", 2 * VGG16_BYTES) as folder:
+  with scratch.scratch_dir(tmp_path_factory, "vgg", 2 * scratch.VGG16_BYTES) as folder:
     src, out = str(folder / "vgg16-random.pth"), str(folder / "vgg16.npz")
     torch.save(torch_vgg.state_dict(), src)
     meta = convert_vgg16.convert(src, out)
@@ -178,7 +174,7 @@ def test_converter_reads_stylegan_torchscript_layout(tmp_path_factory, torch_vgg
 
   layers, convs = _stylegan_layers(torch_vgg)
   scripted = torch.jit.trace(Vgg16StyleGan(layers).eval(), torch.zeros(1, 25088))
-  with scratch.scratch_dir(tmp_path_factory, "vgg_pt", 2 * VGG16_BYTES) as folder:
+  with scratch.scratch_dir(tmp_path_factory, "vgg_pt", 2 * scratch.VGG16_BYTES) as folder:
     src = str(folder / "vgg16.pt")
     scripted.save(src)
     assert any(k.startswith("layers.lpips4") for k in torch.jit.load(src).state_dict())
