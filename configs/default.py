@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   # What a training row is: "sample", the frozen posterior draw the encode job stored (method.md
   # §9.16, the paper's choice) | "mean", the posterior mean | "fresh", mean + std * eps each step.
   data.latent = "sample"
+  # Standardize each "element" of the (H, W, C) latent (method.md §3.0, the paper's) or each
+  # "channel" as a whole (for pixel-space data; see lct_jax.io.latents.NORMALIZATIONS).
+  data.normalization = "element"
 
   # -- model (EDM's DhariwalUNet, method.md section 4.1) --------------------------------------------
   config.model = model = ml_collections.ConfigDict()
@@ -111,6 +114,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Reference statistics for FID: the .npz of `python -m lct_jax.tools.fid_stats` (required;
   # statistics made with other Inception weights or preprocessing are refused).
   ev.reference_stats = ""
+  # Or made the first time they are needed, from real images: an encode config whose source
+  # images (at its resolution, as the encode job reads them, no flips) are the reference;
+  # eval.reference_stats and eval.reference_features then name where it is kept.
+  ev.reference_images = ""
   # Improved precision/recall (Kynkaenniemi et al., k = pr_k) against real features: an .npz from
   # `fid_stats --features_out=...` (required when precision_recall is True), made by the same
   # extractor and weights as pr_features (other features are refused).
@@ -128,6 +135,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.jpeg = True  # also score after a JPEG quality-75 round trip (the paper's protocol, 9.9)
   ev.best_of_last = 5  # summary.json: the best FID among the last N scored checkpoints (9.10)
   ev.export = ""  # "" | "png" | "npz" (arr_0 uint8 NHWC + indices): also write the samples
+  ev.after_training = False  # the training job scores its final checkpoint when it ends
   ev.checkpoint_step = -1  # -1: the newest checkpoint (--follow evaluates every checkpoint)
   ev.inception_weights = ""  # converted FID Inception .npz; "": $LCT_JAX_FID_WEIGHTS or cache
   ev.grid_samples = 64  # samples in the PNG grid of each result (0: no grid)

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from lct_jax.core import curriculum, karras, ot, train
 from lct_jax.core.models import layers, unet
+from lct_jax.io import latents
 
 FINAL_NORMS = ("group", "layer", "nsln")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -95,6 +96,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     num_devices: devices the batch is split over; None skips the divisibility check.
   """
   _one_of(config, "data.latent", LATENTS)
+  _one_of(config, "data.normalization", latents.NORMALIZATIONS)
   _one_of(config, "lct.loss", curriculum.LOSSES)
   _one_of(config, "lct.c_schedule", curriculum.C_SCHEDULES)
   _one_of(config, "ot.method", ot.METHODS)

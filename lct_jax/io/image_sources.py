@@ -1,10 +1,12 @@
-"""Image sources of the encode job: a folder or zip of PNG/JPEG, a TFDS dataset, the MNIST demo.
+"""Image sources of the encode job: a folder or zip of PNG/JPEG, a TFDS dataset, Fashion-MNIST idx
+files, the MNIST demo.
 
 This module owns listing a source in a fixed order (so every process and every rerun agrees on
-which image is number i), decoding, and the preprocessing of method.md section 3.0: RGB (grayscale
-and palette images converted), shorter side resized to the resolution (bicubic, antialiased),
-centre crop. Images already at the resolution are untouched. Unreadable or truncated images come
-back as records with an error instead of an image, for the caller to skip and report.
+which image is number i), decoding (idx files included), and the preprocessing of method.md
+section 3.0: RGB (grayscale and palette images converted), shorter side resized to the resolution
+(bicubic, antialiased), centre crop. Images already at the resolution are untouched. Unreadable or
+truncated images come back as records with an error instead of an image, for the caller to skip
+and report; a broken idx file fails the whole source, naming the file.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import dataclasses
+import gzip
 import hashlib
 import io
 import os
+import struct
 import threading
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -277,6 +282,123 @@ def mnist_demo_source(workers: int = 2) -> ArraySource:
   return ArraySource(images, y, prefix="mnist", pad=2, workers=workers)
 
 
+# An idx magic is two zero bytes, the element type (0x08 = uint8) and the number of dimensions:
+# 2051 (0x0803) for images (count, rows, columns), 2049 (0x0801) for labels (count).
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+  """A uint8 idx file (gzip-compressed or plain, told apart by the gzip magic bytes).
+
+  Args:
+    path: the file.
+    ndim: the dimension count it must have (3 for images, 1 for labels).
+
+  Returns:
+    A read-only uint8 array of the shape in the header (sizes big-endian).
+
+  Raises:
+    ValueError: naming the file, for an unreadable gzip stream, a magic other than uint8 idx, a
+      dimension count other than `ndim`, or a data size other than the header's.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+    if data[:2] == b"\x1f\x8b":
+      data = gzip.decompress(data)
+  except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+    raise ValueError(f"idx file {path}: broken or truncated gzip data ({e})") from None
+  want = 0x0800 + ndim
+  if len(data) < 4:
+    raise ValueError(f"idx file {path}: truncated ({len(data)} bytes, no 4-byte magic)")
+  (magic,) = struct.unpack(">I", data[:4])
+  if magic >> 8 != 0x08:
+    raise ValueError(f"idx file {path}: bad magic {magic} (expected {want}, a uint8 idx file)")
+  if magic & 0xFF != ndim:
+    raise ValueError(
+      f"idx file {path}: {magic & 0xFF} dimensions (magic {magic}); expected {ndim} (magic {want})"
+    )
+  header = 4 + 4 * ndim
+  if len(data) < header:
+    raise ValueError(f"idx file {path}: truncated header ({len(data)} of {header} bytes)")
+  shape = struct.unpack(f">{ndim}I", data[4:header])
+  size = int(np.prod(shape, dtype=np.int64))
+  if len(data) - header != size:
+    what = "truncated" if len(data) - header < size else "longer than its header says"
+    raise ValueError(
+      f"idx file {path}: {what} ({len(data) - header} data bytes, shape {shape} needs {size})"
+    )
+  return np.frombuffer(data, np.uint8, count=size, offset=header).reshape(shape)
+
+
+def read_idx_pair(images_path: str, labels_path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Images (N, rows, cols) and labels (N,) from an idx images file and its labels file.
+
+  Raises:
+    ValueError: as `read_idx`, or the two counts differ (naming both files).
+  """
+  images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+  if len(images) != len(labels):
+    raise ValueError(
+      f"idx files disagree: {images_path} holds {len(images)} images, {labels_path} "
+      f"{len(labels)} labels"
+    )
+  return images, labels
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's package puts the files
+FASHION_MNIST_FILES = {  # split -> idx file stem of its images and of its labels
+  "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _fashion_mnist_file(folder: str, stem: str) -> str:
+  """The path of `stem`.gz in `folder`, else of the uncompressed `stem`."""
+  for path in (os.path.join(folder, stem + ".gz"), os.path.join(folder, stem)):
+    if os.path.isfile(path):
+      return path
+  where = "that folder does not exist" if not os.path.isdir(folder) else f"nor {stem} there"
+  raise FileNotFoundError(
+    f"Fashion-MNIST file {os.path.join(folder, stem + '.gz')} not found ({where}; config key: "
+    f"path, empty = {FASHION_MNIST_DIR}). Install the files with `apt-get install "
+    "dataset-fashion-mnist` (Debian package, MIT licence), or set --config.path to a folder "
+    "holding the four idx files."
+  )
+
+
+def fashion_mnist_source(path: str = "", split: str = "train", workers: int = 2) -> ArraySource:
+  """Fashion-MNIST (Zalando, MIT) from its idx files, padded 28 -> 32 like the demo; labels 0-9.
+
+  Args:
+    path: the folder of the idx files (gzip or plain); empty = FASHION_MNIST_DIR.
+    split: "train" (the 60,000 images) or "test" (the 10,000 t10k images).
+    workers: image preprocessing threads.
+
+  Returns:
+    An ArraySource with ids "fashion_mnist/<split>/<index, 5 digits>".
+
+  Raises:
+    ValueError: an unknown split, a bad idx file, or images that are not 28x28 with labels 0-9.
+    FileNotFoundError: a missing file, naming it and the Debian package that installs it.
+  """
+  if split not in FASHION_MNIST_FILES:
+    raise ValueError(
+      f"fashion_mnist has no split {split!r} (config key: split); expected one of "
+      f"{', '.join(FASHION_MNIST_FILES)}"
+    )
+  folder = path or FASHION_MNIST_DIR
+  images_path, labels_path = (_fashion_mnist_file(folder, s) for s in FASHION_MNIST_FILES[split])
+  images, labels = read_idx_pair(images_path, labels_path)
+  # The 28 -> 32 padding and the 10 classes are what the configs and the class count assume.
+  if images.shape[1:] != (28, 28):
+    raise ValueError(f"{images_path}: images are {images.shape[1:]}, expected 28x28")
+  if len(labels) and labels.max() > 9:
+    raise ValueError(f"{labels_path}: label {labels.max()} outside 0-9")
+  source = ArraySource(images, labels, prefix=f"fashion_mnist/{split}", pad=2, workers=workers)
+  source.description = f"fashion_mnist {split} ({len(images)} images from {folder})"
+  return source
+
+
 class TfdsSource(ImageSource):
   """An image dataset from the TFDS catalog, read in its stored order (no file shuffling).
 
@@ -346,7 +468,8 @@ class TfdsSource(ImageSource):
 
 
 def make_source(config: Any) -> ImageSource:
-  """Builds the source named by `config.source` ("folder", "zip", "tfds" or "demo")."""
+  """Builds the source named by `config.source` ("folder", "zip", "tfds", "fashion_mnist" or
+  "demo")."""
   workers = int(config.get("num_workers", 8))
   if config.source == "folder":
     return FolderSource(config.path, config.get("labels_from_subdirs", False), workers)
@@ -354,6 +477,8 @@ def make_source(config: Any) -> ImageSource:
     return ZipSource(config.path, config.get("labels_from_subdirs", False), workers)
   if config.source == "demo":
     return mnist_demo_source(workers)
+  if config.source == "fashion_mnist":
+    return fashion_mnist_source(config.get("path", ""), config.get("split", "train"), workers)
   if config.source == "tfds":
     return TfdsSource(
       config.tfds_name,
@@ -365,4 +490,6 @@ def make_source(config: Any) -> ImageSource:
       bool(config.get("tfds_download", False)),
       workers,
     )
-  raise ValueError(f"unknown source {config.source!r}; expected folder, zip, tfds or demo")
+  raise ValueError(
+    f"unknown source {config.source!r}; expected folder, zip, tfds, fashion_mnist or demo"
+  )

@@ -34,6 +34,10 @@ from lct_jax.io import autoencoder as ae_lib
 STATS_FILENAME = "latent_stats.json"
 FORMAT = "lct_jax/latent_stats/v1"
 DEFAULT_STD_FLOOR = 1e-6
+# data.normalization: standardize each element of the latent (method.md §3.0, the paper's), or
+# each channel as a whole (pixel-space data, whose rarely-inked border pixels per-element
+# standardization turns into outliers of up to 70 sigma_data on the MNIST demo digits).
+NORMALIZATIONS = ("element", "channel")
 
 
 class IncompatibleLatentsError(ValueError):
@@ -189,7 +193,21 @@ def save_latent_stats(path: str, blocks: Mapping[tuple[str, bool], LatentStats])
   os.replace(tmp, path)
 
 
-def load_latent_stats(path: str, *, use_flipped: bool = False, latent: str = "mean") -> LatentStats:
+def per_channel(stats: LatentStats) -> LatentStats:
+  """The statistics with `mean` and `std` replaced by the per-channel figures, broadcast over
+  (H, W): `normalize` then standardizes each channel as a whole (config
+  `data.normalization = "channel"`), not each element."""
+  shape = stats.latent_shape
+  return dataclasses.replace(
+    stats,
+    mean=np.broadcast_to(np.asarray(stats.channel_mean, np.float64), shape).copy(),
+    std=np.broadcast_to(np.asarray(stats.channel_std, np.float64), shape).copy(),
+  )
+
+
+def load_latent_stats(
+  path: str, *, use_flipped: bool = False, latent: str = "mean", normalization: str = "element"
+) -> LatentStats:
   """Reads `latent_stats.json`.
 
   Args:
@@ -198,10 +216,17 @@ def load_latent_stats(path: str, *, use_flipped: bool = False, latent: str = "me
       `data.use_flipped`); an error if the dataset has none.
     latent: what training reads (config `data.latent`, LATENT_MODES): "sample" gives the
       statistics of the stored frozen draws, "mean" and "fresh" those of the means.
+    normalization: config `data.normalization`, one of NORMALIZATIONS: "element" (method.md
+      §3.0) keeps the per-element mean and std, "channel" puts the per-channel ones in their
+      place (`per_channel`).
 
   Returns:
     The statistics.
   """
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(
+      f"data.normalization={normalization!r}: expected one of {', '.join(NORMALIZATIONS)}"
+    )
   if os.path.isdir(path):
     path = os.path.join(path, STATS_FILENAME)
   if not os.path.isfile(path):
@@ -230,7 +255,7 @@ def load_latent_stats(path: str, *, use_flipped: bool = False, latent: str = "me
       "set data.use_flipped=False or re-encode with flip=True"
     )
   block = doc[key]
-  return LatentStats(
+  stats = LatentStats(
     mean=np.asarray(block["mean"], np.float64),
     std=np.asarray(block["std"], np.float64),
     channel_mean=tuple(block["channel_mean"]),
@@ -243,6 +268,7 @@ def load_latent_stats(path: str, *, use_flipped: bool = False, latent: str = "me
     scale_factor=float(doc["scale_factor"]),
     std_floor=float(doc["std_floor"]),
   )
+  return per_channel(stats) if normalization == "channel" else stats
 
 
 def _as(values: np.ndarray, like: Any) -> Any:

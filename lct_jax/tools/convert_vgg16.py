@@ -1,8 +1,8 @@
 """`python -m lct_jax.tools.convert_vgg16 --input=FILE --output=vgg16.npz`.
 
-Converts VGG16 weights to the .npz that `lct_jax.fid.vgg` loads (precision/recall features), so
-that nothing but this converter needs torch. Two layouts are understood, told apart by the
-tensor names inside the file (not by its name):
+Converts VGG16 weights to the .npz that `lct_jax.fid.vgg` loads (precision/recall features),
+reading the PyTorch file with `lct_jax.fid.torch_files` (no torch needed). Two layouts are
+understood, told apart by the tensor names inside the file (not by its name):
 
 * torchvision's state dict `vgg16-397923af.pth` (features.{0,2,5,7,10,12,14,17,19,21,24,26,28}
   convs, classifier.0 and classifier.3 = fc1 and fc2; classifier.6 is dropped): resize mode
@@ -25,8 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 from absl import app, flags
 
-from lct_jax.fid import vgg
-from lct_jax.tools import convert_inception
+from lct_jax.fid import inception_weights, npz_io, vgg
 
 # torchvision's nn.Sequential indices of the 13 convs in `features`.
 TORCHVISION_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
@@ -108,18 +107,15 @@ def convert(src: str, out: str) -> dict:
   src, out = os.path.abspath(src), os.path.abspath(out)
   if not os.path.isfile(src):
     raise FileNotFoundError(f"--input={src}: no such file ({vgg.SOURCES})")
-  sha256 = convert_inception.file_digest(src)
-  known = convert_inception.check_known_hashes(src, sha256)
-  kind, state = convert_inception.read_torch_state(src)
+  sha256 = npz_io.file_digest(src)
+  known = inception_weights.check_known_hashes(src, sha256)
+  kind, state = inception_weights.read_torch_state(src)
   layout = detect_layout(state, src)
   flat, dropped = convert_state(state, layout)
   try:
     vgg.check_variables(flat)
   except ValueError as e:
     raise ValueError(f"{src} ({layout} layout): {e}") from None
-
-  import torch
-
   meta = {
     "source_path": src,
     "source_sha256": sha256,
@@ -128,7 +124,7 @@ def convert(src: str, out: str) -> dict:
     "source_hash_verified": known,
     "dropped_tensors": dropped,
     "resize": LAYOUTS[layout][1],
-    "converter": f"lct_jax.tools.convert_vgg16 (torch {torch.__version__})",
+    "converter": "lct_jax.tools.convert_vgg16 (PyTorch files read by lct_jax.fid.torch_files)",
   }
   return vgg.save_weights(out, flat, meta)
 

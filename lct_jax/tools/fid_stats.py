@@ -20,7 +20,6 @@ and the eval job refuses features made by another extractor or weights than its 
 real set for pr50k3_full).
 """
 
-import hashlib
 import io
 import json
 import os
@@ -28,15 +27,13 @@ import sys
 import zipfile
 from collections.abc import Iterable, Iterator
 
-import jax
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from lct_jax.fid import inception, stats, vgg
+from lct_jax.fid import reference
 from lct_jax.io import image_sources
 
-PR_FEATURES = (inception.EXTRACTOR, vgg.EXTRACTOR)
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -119,18 +116,6 @@ def read_tfds_images(
     yield image[..., :3]
 
 
-def _batches(images: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
-  """Groups images into batches of equal shape (a shape change starts a new batch)."""
-  batch: list[np.ndarray] = []
-  for image in images:
-    if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
-      yield np.stack(batch)
-      batch = []
-    batch.append(image)
-  if batch:
-    yield np.stack(batch)
-
-
 def read_latent_images(
   folder: str,
   autoencoder: str | None = None,
@@ -174,102 +159,6 @@ def mirrored(images: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
     yield np.ascontiguousarray(image[:, ::-1])
 
 
-def file_sha256(path: str) -> str:
-  """sha256 of a file's bytes (read in 1 MiB chunks)."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def accumulate_statistics(
-  model: inception.FidInception,
-  images: Iterable[np.ndarray],
-  batch_size: int = 64,
-  features_out: list[np.ndarray] | None = None,
-  pr_model: vgg.Vgg16Features | None = None,
-) -> tuple[stats.FeatureStats, str]:
-  """Streams images through the FID Inception into float64 feature sums.
-
-  Batches are padded to `batch_size` (one compile per image size) and, when `batch_size` divides
-  evenly, split over all local devices.
-
-  Args:
-    model: loaded weights.
-    images: uint8 (H, W, 3) arrays.
-    batch_size: images per forward pass.
-    features_out: if given, each batch's float32 features are appended to it: the Inception
-      features, or `pr_model`'s when given.
-    pr_model: another network (VGG16) whose features go to `features_out`.
-
-  Returns:
-    (Inception statistics, image size "HxW" or "mixed").
-  """
-  devices = jax.local_devices()
-  sharding = None
-  if batch_size % len(devices) == 0:
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  total = stats.FeatureStats.zeros(inception.FEATURE_DIM)
-  sizes = set()
-  for batch in _batches(images, batch_size):
-    n = len(batch)
-    sizes.add(f"{batch.shape[1]}x{batch.shape[2]}")
-    if n < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), np.uint8)])
-    x = jax.device_put(batch, sharding) if sharding is not None else batch
-    features = np.asarray(model.features(x))[:n]
-    total.update(features)
-    if features_out is not None:
-      features_out.append(features if pr_model is None else np.asarray(pr_model.features(x))[:n])
-  if total.count == 0:
-    raise ValueError("no images were read")
-  return total, sizes.pop() if len(sizes) == 1 else "mixed"
-
-
-def compute_reference_stats(
-  out: str,
-  images: Iterable[np.ndarray],
-  source: str,
-  weights: str | None = None,
-  batch_size: int = 64,
-  features_out: str | None = None,
-  pr_features: str = "inception",
-  vgg16_weights: str | None = None,
-) -> stats.StatsMeta:
-  """Computes and saves (atomically) the statistics of `images`; returns their metadata.
-
-  Args:
-    out: destination statistics .npz.
-    images: uint8 (H, W, 3) arrays.
-    source: free-text provenance recorded in the metadata.
-    weights: converted Inception .npz (default path if None).
-    batch_size: images per forward pass.
-    features_out: also write every feature vector there (`stats.save_features`), for
-      precision/recall.
-    pr_features: which network makes the `features_out` vectors: "inception" or "vgg16".
-    vgg16_weights: converted VGG16 .npz (`python -m lct_jax.tools.convert_vgg16`), for "vgg16".
-
-  Returns:
-    The statistics' metadata.
-  """
-  if pr_features not in PR_FEATURES:
-    raise ValueError(f"pr_features={pr_features!r}: expected one of {PR_FEATURES}")
-  if pr_features == "vgg16" and not (features_out and vgg16_weights):
-    raise ValueError("pr_features='vgg16' needs features_out and vgg16_weights")
-  model = inception.load_inception(weights)
-  pr_model = vgg.load_vgg16(vgg16_weights) if pr_features == "vgg16" else None
-  kept: list[np.ndarray] | None = [] if features_out else None
-  sums, image_size = accumulate_statistics(model, images, batch_size, kept, pr_model)
-  meta = model.stats_meta(image_size, sums.count, source)
-  stats.save_stats(out, sums, meta)
-  if features_out:
-    feats_meta = (pr_model or model).stats_meta(image_size, sums.count, source)
-    stats.save_features(features_out, np.concatenate(kept), feats_meta)
-  return meta
-
-
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
   flags.DEFINE_string("images", None, "Folder (searched recursively) or .zip of images.")
@@ -295,7 +184,7 @@ def define_flags() -> None:
   flags.DEFINE_enum(
     "pr_features",
     "inception",
-    list(PR_FEATURES),
+    list(reference.PR_FEATURES),
     "Network of the --features_out vectors: Inception pool3 (2048-d) or VGG16 fc2 (4096-d, the "
     "paper's; needs --vgg16_weights). Match the eval job's eval.pr_features.",
   )
@@ -331,7 +220,7 @@ def main(argv: list[str]) -> None:
   if f.mirror:
     source += " (+mirrored)"
     images = mirrored(images)
-  meta = compute_reference_stats(
+  meta = reference.compute_reference_stats(
     f.out,
     images,
     source,

@@ -1,0 +1,27 @@
+"""Fashion-MNIST (Zalando, MIT): the demo's recipe and budget on a harder real dataset.
+
+Trains on the 60,000 training images (configs/encode/fashion_mnist.py, encoded on the first run
+from the Debian package `dataset-fashion-mnist`: `apt-get install dataset-fashion-mnist`) with
+every setting of configs/demo.py, and scores the final EMA checkpoint against the 10,000 held-out
+test images (configs/encode/fashion_mnist_test.py; their FID reference is made the first time).
+
+  python -m lct_jax.main --config=configs/fashion_mnist.py --workdir=workdirs/fashion_mnist
+"""
+
+from configs import demo
+from configs.encode import fashion_mnist as encode
+from lct_jax.io import encode_config
+
+
+def get_config():
+  config = demo.get_config()
+  config.data.name = "fashion_mnist"
+  config.data.dir = encode.get_config().output_dir
+  config.data.encode_config = "configs/encode/fashion_mnist.py"
+  config.data.num_examples = 60_000
+  config.eval.reference_images = "configs/encode/fashion_mnist_test.py"
+  config.eval.reference_stats = encode_config.default_reference_path("fashion_mnist_test", "stats")
+  config.eval.reference_features = encode_config.default_reference_path(
+    "fashion_mnist_test", "inception_features"
+  )
+  return config
