@@ -121,7 +121,8 @@ class Scorer:
     self._nets = {}  # name -> (jitted apply, replicated variables)
     for name, net in (("fid", self.fid_model), ("pr", self.pr_model)):
       if net is not None:
-        fn = jax.jit(net.apply, in_shardings=(repl, data), out_shardings=data)
+        apply = net.batch_apply(self.mesh.shape[mesh_lib.DATA_AXIS]) if name == "fid" else net.apply
+        fn = jax.jit(apply, in_shardings=(repl, data), out_shardings=data)
         self._nets[name] = (fn, jax.device_put(net.variables, repl))
 
   def _featurize(self, name: str, images: jax.Array) -> list[tuple[int, np.ndarray]]:

