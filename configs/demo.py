@@ -46,9 +46,5 @@ def get_config():
   config.eval.batch_size = 8  # a multiple of 1, 2, 4 or 8 devices; 1,000 samples = 125 batches
   config.eval.jpeg = False
   config.eval.grid_samples = 100
-  config.eval.reference_images = "configs/encode/demo.py"
-  config.eval.reference_stats = encode_config.default_reference_path("mnist_demo_32", "stats")
-  config.eval.reference_features = encode_config.default_reference_path(
-    "mnist_demo_32", "inception_features"
-  )
+  encode_config.set_default_reference(config.eval, "configs/encode/demo.py", "mnist_demo_32")
   return config

@@ -19,9 +19,7 @@ def get_config():
   config.data.dir = encode.get_config().output_dir
   config.data.encode_config = "configs/encode/fashion_mnist.py"
   config.data.num_examples = 60_000
-  config.eval.reference_images = "configs/encode/fashion_mnist_test.py"
-  config.eval.reference_stats = encode_config.default_reference_path("fashion_mnist_test", "stats")
-  config.eval.reference_features = encode_config.default_reference_path(
-    "fashion_mnist_test", "inception_features"
+  encode_config.set_default_reference(
+    config.eval, "configs/encode/fashion_mnist_test.py", "fashion_mnist_test"
   )
   return config

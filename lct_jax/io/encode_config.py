@@ -17,10 +17,12 @@ def default_output_dir(name: str) -> str:
   return os.path.join(DATA_ROOT, "latents", name)
 
 
-def default_reference_path(name: str, what: str) -> str:
-  """DATA_ROOT/fid/<name>_<what>.npz: where a named FID reference (`what`: "stats" or
-  "features") is made the first time the eval job needs it (eval.reference_images)."""
-  return os.path.join(DATA_ROOT, "fid", f"{name}_{what}.npz")
+def set_default_reference(ev: ml_collections.ConfigDict, images: str, name: str) -> None:
+  """Points eval config `ev` at the FID reference of the encode config `images`, made the first
+  time the eval job needs it: DATA_ROOT/fid/<name>_stats.npz and <name>_inception_features.npz."""
+  ev.reference_images = images
+  ev.reference_stats = os.path.join(DATA_ROOT, "fid", f"{name}_stats.npz")
+  ev.reference_features = os.path.join(DATA_ROOT, "fid", f"{name}_inception_features.npz")
 
 
 def load_config_file(path: str, key: str) -> ml_collections.ConfigDict:
