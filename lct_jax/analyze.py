@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, logging
 from ml_collections import config_flags
 
+from lct_jax.io import job_logging
 from lct_jax.io import latent_dataset as ld
 from lct_jax.io import latents as latents_lib
 
@@ -316,4 +317,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  job_logging.run(main, "lct_jax.analyze")

@@ -6,6 +6,7 @@ read inside compiled code: the core receives frozen dataclasses and plain scalar
 """
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import jax
@@ -26,8 +27,24 @@ class ConfigError(ValueError):
   """A configuration value that cannot work; the message names the key."""
 
 
-def _fail(key: str, value: Any, why: str) -> None:
-  raise ConfigError(f"config.{key}={value!r}: {why}")
+class Checks:
+  """Collects every problem of a config, so that one run reports them all (one line each)."""
+
+  def __init__(self):
+    self.problems: list[str] = []
+
+  def fail(self, key: str, value: Any, why: str) -> None:
+    self.problems.append(f"config.{key}={value!r}: {why}")
+
+  def one_of(self, config: ml_collections.ConfigDict, key: str, allowed: tuple[str, ...]) -> None:
+    value = _get(config, key)
+    if value not in allowed:
+      self.fail(key, value, f"unknown value; expected one of {', '.join(allowed)}")
+
+  def raise_any(self) -> None:
+    """Raises ConfigError with every problem found, one per line; returns if there is none."""
+    if self.problems:
+      raise ConfigError("\n".join(self.problems))
 
 
 # Keys added after runs were made, with the value those runs had without the key (the behaviour of
@@ -67,10 +84,13 @@ def check_local_path(name: str, path: str) -> None:
     )
 
 
-def _one_of(config: ml_collections.ConfigDict, key: str, allowed: tuple[str, ...]) -> None:
-  value = _get(config, key)
-  if value not in allowed:
-    _fail(key, value, f"unknown value; expected one of {', '.join(allowed)}")
+def check_workdir(path: str) -> None:
+  """Refuses a --workdir that is a URL (check_local_path) or an existing file."""
+  check_local_path("--workdir", path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(
+      f"--workdir={path} is a file, not a directory; give a directory (created if missing)"
+    )
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -88,80 +108,88 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
   return int(steps_per_epoch * config.train.num_epochs)
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ConfigError (naming the key) for a config that cannot train; returns None otherwise.
+def validate(
+  config: ml_collections.ConfigDict, num_devices: int | None = None, checks: Checks | None = None
+) -> None:
+  """Raises ConfigError (every problem, each naming its key) for a config that cannot train.
 
   Args:
     config: the full config.
     num_devices: devices the batch is split over; None skips the divisibility check.
+    checks: a collector to add the problems to instead (the caller raises them).
   """
-  _one_of(config, "data.latent", LATENTS)
-  _one_of(config, "data.normalization", latents.NORMALIZATIONS)
-  _one_of(config, "lct.loss", curriculum.LOSSES)
-  _one_of(config, "lct.c_schedule", curriculum.C_SCHEDULES)
-  _one_of(config, "ot.method", ot.METHODS)
-  _one_of(config, "ot.scope", ot.SCOPES)
-  _one_of(config, "model.final_norm", FINAL_NORMS)
-  _one_of(config, "model.dtype", tuple(DTYPES))
-  _one_of(config, "model.attention", layers.ATTENTION_IMPLS)
-  _one_of(config, "model.kernel_layout", layers.KERNEL_LAYOUTS)
+  own = checks is None
+  checks = Checks() if own else checks
+  fail = checks.fail
+  if config.model.name != "dhariwal_unet":
+    fail("model.name", config.model.name, "unknown model; expected dhariwal_unet")
+  checks.one_of(config, "data.latent", LATENTS)
+  checks.one_of(config, "data.normalization", latents.NORMALIZATIONS)
+  checks.one_of(config, "lct.loss", curriculum.LOSSES)
+  checks.one_of(config, "lct.c_schedule", curriculum.C_SCHEDULES)
+  checks.one_of(config, "ot.method", ot.METHODS)
+  checks.one_of(config, "ot.scope", ot.SCOPES)
+  checks.one_of(config, "model.final_norm", FINAL_NORMS)
+  checks.one_of(config, "model.dtype", tuple(DTYPES))
+  checks.one_of(config, "model.attention", layers.ATTENTION_IMPLS)
+  checks.one_of(config, "model.kernel_layout", layers.KERNEL_LAYOUTS)
   lct = config.lct
   if lct.s0 < 1:
-    _fail("lct.s0", lct.s0, "must be at least 1")
+    fail("lct.s0", lct.s0, "must be at least 1")
   if lct.s1 < lct.s0:
-    _fail("lct.s1", lct.s1, f"must be >= lct.s0={lct.s0}")
+    fail("lct.s1", lct.s1, f"must be >= lct.s0={lct.s0}")
   if not lct.c_constant > 0:
-    _fail("lct.c_constant", lct.c_constant, "the robust-loss scale c must be positive")
+    fail("lct.c_constant", lct.c_constant, "the robust-loss scale c must be positive")
   if not 0 < lct.sigma_min < lct.sigma_max:
-    _fail("lct.sigma_min", lct.sigma_min, f"must satisfy 0 < sigma_min < sigma_max={lct.sigma_max}")
+    fail("lct.sigma_min", lct.sigma_min, f"must satisfy 0 < sigma_min < sigma_max={lct.sigma_max}")
   if lct.diffusion_weight < 0:
-    _fail("lct.diffusion_weight", lct.diffusion_weight, "must be >= 0 (0 disables it)")
+    fail("lct.diffusion_weight", lct.diffusion_weight, "must be >= 0 (0 disables it)")
   if not 0 < lct.diffusion_threshold <= 1:
-    _fail("lct.diffusion_threshold", lct.diffusion_threshold, "must lie in (0, 1]")
+    fail("lct.diffusion_threshold", lct.diffusion_threshold, "must lie in (0, 1]")
   if config.ot.sinkhorn_epsilon <= 0:
-    _fail("ot.sinkhorn_epsilon", config.ot.sinkhorn_epsilon, "must be positive")
+    fail("ot.sinkhorn_epsilon", config.ot.sinkhorn_epsilon, "must be positive")
   if not 0 <= config.optim.ema_decay < 1:
-    _fail("optim.ema_decay", config.optim.ema_decay, "must lie in [0, 1)")
+    fail("optim.ema_decay", config.optim.ema_decay, "must lie in [0, 1)")
   optim = config.optim
   if optim.learning_rate <= 0:
-    _fail("optim.learning_rate", optim.learning_rate, "must be positive")
+    fail("optim.learning_rate", optim.learning_rate, "must be positive")
   for key in ("b1", "b2"):
     if not 0 <= optim[key] < 1:
-      _fail(f"optim.{key}", optim[key], "must lie in [0, 1)")
+      fail(f"optim.{key}", optim[key], "must lie in [0, 1)")
   if optim.eps <= 0:
-    _fail("optim.eps", optim.eps, "must be positive")
+    fail("optim.eps", optim.eps, "must be positive")
   for key in ("warmup_steps", "grad_clip", "weight_decay"):
     if optim[key] < 0:
-      _fail(f"optim.{key}", optim[key], "must be >= 0 (0: none)")
+      fail(f"optim.{key}", optim[key], "must be >= 0 (0: none)")
   if config.data.sigma_data <= 0:
-    _fail("data.sigma_data", config.data.sigma_data, "must be positive")
+    fail("data.sigma_data", config.data.sigma_data, "must be positive")
   # Periods and counts where 0 has no "off" meaning (orbax would turn them into 1).
   for key in ("train.log_every_steps", "train.max_consecutive_nonfinite", "ckpt.every_steps"):
     if _get(config, key) < 1:
-      _fail(key, _get(config, key), "must be at least 1")
+      fail(key, _get(config, key), "must be at least 1")
   if config.ckpt.keep < 1:
-    _fail("ckpt.keep", config.ckpt.keep, "must be at least 1 (the newest checkpoints kept)")
+    fail("ckpt.keep", config.ckpt.keep, "must be at least 1 (the newest checkpoints kept)")
   grid = config.train.num_grid_samples
   if config.train.sample_every_steps > 0 and (grid < 1 or (num_devices and grid % num_devices)):
-    _fail(
+    fail(
       "train.num_grid_samples",
       grid,
       f"must be a positive multiple of the {num_devices} devices (train.sample_every_steps > 0)",
     )
   batch = config.train.global_batch_size
   if batch < 1:
-    _fail("train.global_batch_size", batch, "must be positive")
+    fail("train.global_batch_size", batch, "must be positive")
   if num_devices is not None and batch % num_devices:
-    _fail("train.global_batch_size", batch, f"is not divisible by the {num_devices} devices")
+    fail("train.global_batch_size", batch, f"is not divisible by the {num_devices} devices")
   micro = config.train.microbatches
   if micro < 1 or batch % micro or (num_devices and (batch // micro) % num_devices):
-    _fail(
+    fail(
       "train.microbatches",
       micro,
       f"must divide train.global_batch_size={batch} into slices divisible by the device count",
     )
   if total_steps(config) < 1:
-    _fail(
+    fail(
       "train.total_steps",
       config.train.total_steps,
       "gives no training steps (check data.num_examples and train.num_epochs)",
@@ -169,7 +197,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   shape = tuple(config.data.latent_shape)
   levels = len(config.model.channel_mult)
   if len(shape) != 3 or shape[0] != shape[1] or shape[0] % 2 ** (levels - 1):
-    _fail(
+    fail(
       "data.latent_shape",
       shape,
       f"must be (H, H, C) with H divisible by 2^{levels - 1} (model.channel_mult)",
@@ -177,16 +205,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   levels_res = [shape[0] // 2**level for level in range(levels)]
   unused = [r for r in config.model.attn_resolutions if r not in levels_res]
   if unused:
-    _fail(
+    fail(
       "model.attn_resolutions",
       tuple(config.model.attn_resolutions),
       f"{unused} match no level of the network (its resolutions: {levels_res})",
     )
   for s in config.eval.sigma_mid:
     if not lct.sigma_min < s < lct.sigma_max:
-      _fail(
+      fail(
         "eval.sigma_mid", tuple(config.eval.sigma_mid), "each must lie in (sigma_min, sigma_max)"
       )
+  if own:
+    checks.raise_any()
 
 
 def noise_config(config: ml_collections.ConfigDict) -> karras.NoiseConfig:
@@ -233,7 +263,7 @@ def build_model(config: ml_collections.ConfigDict) -> unet.DhariwalUNet:
   """The network of config.model for latents of shape config.data.latent_shape."""
   m = config.model
   if m.name != "dhariwal_unet":
-    _fail("model.name", m.name, "unknown model; expected dhariwal_unet")
+    raise ConfigError(f"config.model.name={m.name!r}: unknown model; expected dhariwal_unet")
   h, _, c = tuple(config.data.latent_shape)
   return unet.DhariwalUNet(
     img_resolution=h,
@@ -296,6 +326,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     optim,
     mesh,
     microbatches=config.train.microbatches,
+    max_nonfinite_streak=config.train.max_consecutive_nonfinite,
   )
   cost = train.make_coupling_cost(ot_cfg, mesh) if ot_cfg.method == "exact" else None
   return Trainer(model, tx, schedule, step, mesh, example_shape(config), cost)

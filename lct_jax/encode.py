@@ -12,7 +12,7 @@ from absl import app, logging
 from ml_collections import config_flags
 
 from lct_jax.core import mesh as mesh_lib
-from lct_jax.io import encoding
+from lct_jax.io import encoding, job_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Encode config file.", lock_config=True)
 
@@ -20,9 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Encode config file.",
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  job_logging.set_up()
   config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config=configs/encode/<name>.py is required")
   if config.distributed:
     mesh_lib.initialize_distributed(
       config.coordinator_address, config.num_processes, config.process_id, config.cpu_collectives
@@ -54,4 +53,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  job_logging.run(main, "lct_jax.encode", required=["config"])

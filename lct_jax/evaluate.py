@@ -35,5 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  job_logging.run(main, "lct_jax.evaluate", required=["config", "workdir"])

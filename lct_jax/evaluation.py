@@ -76,37 +76,38 @@ def runs_of(config: ml_collections.ConfigDict) -> list[Run]:
   return [Run()] + [Run((float(s),)) for s in config.eval.sigma_mid]
 
 
-def _fail(key: str, value: Any, why: str) -> None:
-  raise config_lib.ConfigError(f"config.{key}={value!r}: {why}")
-
-
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError naming the eval.* key that cannot work."""
+def validate(
+  config: ml_collections.ConfigDict, num_devices: int, checks: config_lib.Checks | None = None
+) -> None:
+  """Raises ConfigError naming every eval.* key that cannot work (or adds them to `checks`)."""
+  own = checks is None
+  checks = config_lib.Checks() if own else checks
+  fail = checks.fail
   ev = config.eval
   if ev.num_samples < 2:
-    _fail("eval.num_samples", ev.num_samples, "FID needs at least 2 samples")
+    fail("eval.num_samples", ev.num_samples, "FID needs at least 2 samples")
   if ev.batch_size < 1 or ev.batch_size % num_devices:
-    _fail("eval.batch_size", ev.batch_size, f"must be a positive multiple of {num_devices} devices")
+    fail("eval.batch_size", ev.batch_size, f"must be a positive multiple of {num_devices} devices")
   if ev.grid_samples < 0:
-    _fail("eval.grid_samples", ev.grid_samples, "must be >= 0 (0: no grid)")
+    fail("eval.grid_samples", ev.grid_samples, "must be >= 0 (0: no grid)")
   if ev.precision_recall and not 1 <= ev.pr_k < ev.num_samples:
-    _fail("eval.pr_k", ev.pr_k, f"must lie in [1, eval.num_samples={ev.num_samples})")
+    fail("eval.pr_k", ev.pr_k, f"must lie in [1, eval.num_samples={ev.num_samples})")
   if ev.best_of_last < 1:
-    _fail("eval.best_of_last", ev.best_of_last, "must be >= 1 (the final checkpoint alone: 1)")
+    fail("eval.best_of_last", ev.best_of_last, "must be >= 1 (the final checkpoint alone: 1)")
   names = [run.name for run in runs_of(config)]
   if len(set(names)) < len(names):  # one result file each: two would overwrite each other
-    _fail(
+    fail(
       "eval.sigma_mid",
       tuple(ev.sigma_mid),
       f"two values give the same result name ({', '.join(names[1:])}); give distinct values "
       "(6 significant digits name the file)",
     )
   if ev.export not in scoring.EXPORTS:
-    _fail("eval.export", ev.export, f"expected one of {scoring.EXPORTS}")
+    fail("eval.export", ev.export, f"expected one of {scoring.EXPORTS}")
   if ev.pr_features not in scoring.PR_FEATURES:
-    _fail("eval.pr_features", ev.pr_features, f"expected one of {scoring.PR_FEATURES}")
+    fail("eval.pr_features", ev.pr_features, f"expected one of {scoring.PR_FEATURES}")
   if ev.precision_recall and ev.pr_features == "vgg16" and not ev.vgg16_weights:
-    _fail(
+    fail(
       "eval.vgg16_weights",
       "",
       "eval.pr_features='vgg16' needs converted VGG16 weights: python -m "
@@ -114,20 +115,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       "metrics vgg16.pt, or torchvision's vgg16-397923af.pth)",
     )
   if not ev.reference_stats:
-    _fail(
+    fail(
       "eval.reference_stats",
       "",
       "FID needs reference statistics; make them with python -m lct_jax.tools.fid_stats "
       "--images=REAL_IMAGES (or --latents=DATA_DIR) --out=ref.npz [--features_out=ref_feat.npz]",
     )
   if ev.precision_recall and not ev.reference_features:
-    _fail(
+    fail(
       "eval.reference_features",
       "",
       "precision/recall needs real features (fid_stats --features_out=..., with "
       "--pr_features=vgg16 --vgg16_weights=... for eval.pr_features='vgg16'); or set "
       "eval.precision_recall=False",
     )
+  if own:
+    checks.raise_any()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,6 +432,22 @@ def format_result(result: dict[str, Any]) -> str:
   )
 
 
+def checkpoint_to_score(config: ml_collections.ConfigDict, reader) -> int:
+  """eval.checkpoint_step, or the newest step when it is -1; checked before anything is written."""
+  steps = reader.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoints in {reader.directory}")
+  step = config.eval.checkpoint_step
+  if step < 0:
+    return steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(
+      f"config.eval.checkpoint_step={step}: not among the checkpoints {steps} in "
+      f"{reader.directory}"
+    )
+  return step
+
+
 def evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -453,7 +472,7 @@ def evaluate(
     FileNotFoundError: no checkpoint (without `follow`), or a missing input file.
     TimeoutError: `follow` saw no new checkpoint for eval.follow_timeout_s.
   """
-  config_lib.check_local_path("--workdir", workdir)
+  config_lib.check_workdir(workdir)
   config_lib.check_local_path("config.data.dir", config.data.dir)
   if mesh is None:
     m = config.mesh
@@ -462,9 +481,14 @@ def evaluate(
         m.coordinator_address, m.num_processes, m.process_id, m.cpu_collectives
       )
     mesh = mesh_lib.make_mesh(m.num_devices)
-  config_lib.validate(config)
-  validate(config, mesh.size)
+  checks = config_lib.Checks()
+  config_lib.validate(config, checks=checks)
+  validate(config, mesh.size, checks)
+  checks.raise_any()
   reader = checkpoint.CheckpointReader(workdir)
+  # A chosen step that does not exist is named at once; "no checkpoint yet" after the other checks.
+  chosen = not follow and config.eval.checkpoint_step >= 0
+  step = checkpoint_to_score(config, reader) if chosen else None
   ae = ae_lib.load_autoencoder(config.data.autoencoder)
   # lct_jax.io.summaries imports TensorFlow: only after the autoencoder (see scoring._summaries).
   from lct_jax.io import summaries
@@ -473,21 +497,12 @@ def evaluate(
   scorer = scoring.build_scorer(config, workdir, mesh, ae)
   samplers = build_sampling(config, mesh, ae)
   job = _Job(scorer, samplers, reader, abstract_ema(config, samplers.model, mesh), runs_of(config))
+  if not follow and step is None:  # before the events file is opened
+    step = checkpoint_to_score(config, reader)
   scorer.open_writer()
   try:
     if follow:
       return follow_run(job)
-    steps = reader.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoints in {reader.directory}")
-    step = config.eval.checkpoint_step
-    if step < 0:
-      step = steps[-1]
-    elif step not in steps:
-      raise FileNotFoundError(
-        f"config.eval.checkpoint_step={step}: not among the checkpoints {steps} in "
-        f"{reader.directory}"
-      )
     return evaluate_step(job, step)
   finally:
     scorer.close()

@@ -22,5 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  job_logging.run(main, "lct_jax.main", required=["config", "workdir"])

@@ -306,6 +306,18 @@ def _check_reference_features(meta: stats.StatsMeta | None, ours: stats.StatsMet
     ) from None
 
 
+def _check_reference_size(meta, sample_size: str, key: str, path: str, config) -> None:
+  """Refuses a reference recorded at another image size than the run's decoded samples."""
+  if meta is None or meta.image_size in stats.UNKNOWN_SIZES or meta.image_size == sample_size:
+    return
+  raise stats.IncompatibleStatsError(
+    f"config.eval.{key}={path!r} was made from {meta.image_size} images, but this run's "
+    f"samples are {sample_size} (data.autoencoder={config.data.autoencoder!r} decoding latents "
+    f"{tuple(config.data.latent_shape)}); make the reference from {sample_size} images "
+    "(eval.reference_images, or python -m lct_jax.tools.fid_stats)"
+  )
+
+
 def reference_source(config: ml_collections.ConfigDict) -> tuple[Any, str, int, int]:
   """The image source named by eval.reference_images, its description and its size.
 
@@ -346,8 +358,7 @@ def ensure_reference(config: ml_collections.ConfigDict, weights: str | None) -> 
   source, desc, n, res = reference_source(config)
   if all(os.path.isfile(p) for p in paths):
     for path in paths:
-      with np.load(path, allow_pickle=False) as data:
-        meta = npz_io.load_meta(data) or {}
+      meta = npz_io.read_npz(path, meta_only=True)[1] or {}
       if meta.get("source") != desc:
         raise stats.IncompatibleStatsError(
           f"{path} holds the reference of {meta.get('source')!r}, but eval.reference_images "
@@ -392,7 +403,7 @@ def build_scorer(
     inception.WeightsNotFoundError: no converted Inception (or VGG16) weights; the message gives
       the conversion command.
     stats.IncompatibleStatsError: reference statistics/features made by another extractor, other
-      weights or preprocessing.
+      weights or preprocessing, or from images of another size than the samples.
     FileNotFoundError: a missing reference file.
   """
   ev = config.eval
@@ -411,7 +422,10 @@ def build_scorer(
     raise FileNotFoundError(f"config.eval.reference_stats={ev.reference_stats!r}: no such file")
   reference = stats.load_stats(ref_path)
   stats.check_compatible(reference.meta, fid_model.stats_meta())
-  feats, feats_path = None, None
+  h, w = config.data.latent_shape[:2]
+  sample_size = f"{h * ae.downsample_factor}x{w * ae.downsample_factor}"
+  _check_reference_size(reference.meta, sample_size, "reference_stats", ref_path, config)
+  feats, feats_path, feats_meta = None, None, None
   if ev.precision_recall:
     feats_path = absolute(ev.reference_features)
     if not os.path.isfile(feats_path):
@@ -421,6 +435,7 @@ def build_scorer(
     feats, feats_meta = stats.load_features(feats_path)
     ours = (pr_model or fid_model).stats_meta()
     _check_reference_features(feats_meta, ours, feats_path)
+    _check_reference_size(feats_meta, sample_size, "reference_features", feats_path, config)
     if len(feats) <= ev.pr_k:
       raise config_lib.ConfigError(
         f"config.eval.reference_features={feats_path!r}: needs more than eval.pr_k={ev.pr_k} images"
@@ -457,10 +472,12 @@ def build_scorer(
     reference_stats=ref_path,
     reference_stats_sha256=npz_io.file_digest(ref_path),
     reference_num_images=reference.meta.num_images,
+    reference_image_size=reference.meta.image_size,
     reference_source=reference.meta.source,
     reference_features=feats_path,
     reference_features_sha256=npz_io.file_digest(feats_path) if feats_path else None,
     reference_features_num_images=int(len(feats)) if feats is not None else None,
+    reference_features_image_size=feats_meta.image_size if feats_meta else None,
     num_processes=jax.process_count(),
     num_devices=mesh.size,
     device_kind=devices[0].device_kind,

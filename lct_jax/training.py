@@ -108,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
       before anything in the workdir is written.
     NonFiniteLossError: after train.max_consecutive_nonfinite non-finite steps in a row.
   """
-  config_lib.check_local_path("--workdir", workdir)
+  config_lib.check_workdir(workdir)
   config_lib.check_local_path("config.data.dir", config.data.dir)
   m = config.mesh
   if m.distributed:
@@ -116,9 +116,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
       m.coordinator_address, m.num_processes, m.process_id, m.cpu_collectives
     )
   mesh = mesh_lib.make_mesh(m.num_devices)
-  trainer = config_lib.build_trainer(config, mesh)
+  checks = config_lib.Checks()
+  config_lib.validate(config, mesh.size, checks)
   if config.eval.after_training:  # its keys fail now, not after the training
-    evaluation.validate(config, mesh.size)
+    evaluation.validate(config, mesh.size, checks)
+  checks.raise_any()
+  trainer = config_lib.build_trainer(config, mesh)
   total = config_lib.total_steps(config)
 
   data_dir = ensure_dataset(config)
@@ -186,6 +189,23 @@ def score_final_checkpoint(config: ml_collections.ConfigDict, workdir: str, mesh
     sys.stdout.flush()
 
 
+def _check_streak(config, ckpt, writer, step, stop, streak, last_bad) -> None:
+  """Raises NonFiniteLossError at the streak's maximum, or when the run ends inside a streak."""
+  limit = config.train.max_consecutive_nonfinite
+  if not streak or (streak < limit and step < stop):
+    return
+  writer.flush()
+  first, last = last_bad + 2 - streak, last_bad + 1
+  good = [s for s in ckpt.all_steps() if s < first]
+  where = f"step {good[-1]}" if good else "none"
+  ends = "" if streak >= limit else f"; the run reached its step {step} inside it, unsaved"
+  raise NonFiniteLossError(
+    f"{streak} consecutive non-finite steps, {first} to {last} "
+    f"(train.max_consecutive_nonfinite={limit}){ends}; last good checkpoint: {where} in "
+    f"{ckpt.directory}"
+  )
+
+
 def _loop(
   config, workdir, trainer, state, batches, ckpt, writer, stats, total, mesh, epoch_examples
 ) -> int:
@@ -238,7 +258,6 @@ def _loop(
       scalars["epoch_images"] = scalars["epoch"] * (2 if config.data.use_flipped else 1)
       writer.write_scalars(step, scalars)
       last_t, last_wait, last_step = now, batches.wait_s, step
-      streak = int(jax.device_get(state.nonfinite_streak))
       # Steps are numbered as the logged metrics and the checkpoints: step n is the n-th update.
       if scalars["nonfinite_steps"]:
         logging.warning(
@@ -246,20 +265,28 @@ def _loop(
           scalars["nonfinite_steps"],
           int(jax.device_get(state.last_nonfinite_step)) + 1,
         )
-      if streak >= config.train.max_consecutive_nonfinite:
-        writer.flush()
-        # A checkpoint saved during the streak holds a run that had stopped learning.
-        good = [s for s in ckpt.all_steps() if s <= step - streak]
-        raise NonFiniteLossError(
-          f"{streak} consecutive non-finite steps, {step - streak + 1} to {step} "
-          f"(train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}); "
-          f"last good checkpoint: {f'step {good[-1]}' if good else 'none'} in {ckpt.directory}"
-        )
     # The save first: a failing sample grid must not lose the step, nor spend preemption's grace.
     preempted = ckpt.should_stop(step)
-    ckpt.save(step, state, batches, force=preempted or step == stop)
+    saving = preempted or step == stop or ckpt.due(step)
+    streak = 0
+    if saving or step % log_every == 0 or step == total:
+      # The streak is read at these steps only; the step halts on the device at its maximum.
+      streak, last_bad = (int(v) for v in jax.device_get(
+        (state.nonfinite_streak, state.last_nonfinite_step)
+      ))
+      _check_streak(config, ckpt, writer, step, stop, streak, last_bad)
+    if saving and streak:
+      # No save inside a streak: it would rotate the last good checkpoint out.
+      logging.warning(
+        "Not saving step %d: step %d was non-finite (%d in a row so far); newest checkpoint: %s.",
+        step, last_bad + 1, streak, ckpt.latest_step(),
+      )
+    elif saving:
+      ckpt.save(step, state, batches, force=True)
+      logging.info("Saving the checkpoint of step %d in %s.", step, ckpt.directory)
     if preempted:
-      logging.warning("Preemption signal: saved step %d, exiting.", step)
+      saved = "not saved (non-finite streak)" if streak else "saved"
+      logging.warning("Preemption signal: %s step %d, exiting.", saved, step)
       break
     if ae is not None and (step % sample_every == 0 or step == total):
       write_sample_grid(step, state, sampler, ae, stats, config, mesh, writer, workdir)

@@ -352,6 +352,22 @@ def test_broken_images_skipped_and_reported(vae, tmp_path):
   assert len(ids) == 11 and "truncated.png" not in ids
 
 
+def test_images_smaller_than_the_resolution_are_counted_and_warned(tmp_path, monkeypatch):
+  _make_images(tmp_path / "img")  # 11 images, none smaller than RES
+  Image.fromarray(np.full((1, 1, 3), 7, np.uint8)).save(tmp_path / "img" / "dot.png")
+  Image.fromarray(np.zeros((RES - 2, RES + 5, 3), np.uint8)).save(tmp_path / "img" / "low.png")
+  warnings = []
+  monkeypatch.setattr(encoding.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+  encoding.encode_dataset(_config(tmp_path / "img", tmp_path / "out", "pixel"))
+  with open(tmp_path / "out" / encoding.REPORT_FILENAME) as f:
+    report = json.load(f)
+  assert report["images_smaller_than_resolution"] == 2
+  assert report["smallest_image"] == {"size": [1, 1], "id": "dot.png"}
+  assert report["examples_written"] == 13  # upsampled, not skipped
+  (line,) = [w for w in warnings if "smaller than" in w]
+  assert line.startswith(f"2 of 13 images are smaller than resolution={RES}") and "dot.png" in line
+
+
 def _env(devices: int) -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -453,7 +469,7 @@ def test_two_processes_stop_together_on_too_many_bad_images(vae, tmp_path):
   (tmp_path / "img" / "cat" / "img_05.png").write_bytes(b"not a png")
   procs, outputs = _two_processes(tmp_path / "img", tmp_path / "multi", vae_dir, timeout=150)
   assert procs[1].returncode == 0, outputs[1][1][-3000:]
-  assert procs[0].returncode != 0 and "TooManyBadImagesError: 1 of 11" in outputs[0][1]
+  assert procs[0].returncode != 0 and "lct_jax.encode: error: 1 of 11 images" in outputs[0][1]
   assert not ld.is_complete(str(tmp_path / "multi"))
 
 

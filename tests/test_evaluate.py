@@ -14,6 +14,7 @@ precision/recall features run with random weights (no real VGG16 file exists her
 and 10 reference images (~15 GFLOP per image).
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -41,26 +42,8 @@ from lct_jax.io import checkpoint, encoding, image_sources, latents
 from lct_jax.tools import fid_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The tiny run: every key here goes to the training command line and to the in-process config.
-TRAIN = {
-  "data.encode_config": "",
-  "data.num_examples": 32,
-  # pixel:2 rather than the demo's gray:2: three identical channels, as in the VGG16 fixtures.
-  "data.autoencoder": "pixel:2",
-  "data.latent_shape": (8, 8, 12),
-  "train.global_batch_size": 16,
-  "train.total_steps": 2,
-  "train.sample_every_steps": 0,
-  "train.log_every_steps": 1,
-  "ckpt.every_steps": 1,
-  "ckpt.keep": 5,
-  "model.model_channels": 16,  # a smaller net than the demo's: compiles in half the time
-  "model.channel_mult": (1,),
-  # The demo scores its final checkpoint against a reference it makes from the 5,000 digits;
-  # these tests score by hand against 24 other digits.
-  "eval.after_training": False,
-  "eval.reference_images": "",
-}
+# The tiny run: every key goes to the training command line and to the in-process config.
+TRAIN = th.TINY_DEMO_RUN
 NUM_REFERENCE = 24
 
 
@@ -89,12 +72,7 @@ def _env(devices: int = 1, cache: str = "") -> dict:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
-  """32 demo digits at 16x16 through pixel:2, encoded by the encode job's library call."""
-  cfg = th.load_config({"autoencoder": "pixel:2"}, "configs/encode/demo.py")
-  cfg.output_dir = str(tmp_path_factory.mktemp("latents"))
-  cfg.max_examples, cfg.resolution, cfg.shard_size, cfg.batch_size = 32, 16, 32, 32
-  encoding.encode_dataset(cfg)
-  return cfg.output_dir
+  return th.encode_tiny_demo(str(tmp_path_factory.mktemp("latents")))
 
 
 def _fid_stats(out: dict, weights_path: str, *extra: str) -> dict:
@@ -562,6 +540,35 @@ def test_reference_features_of_the_other_extractor_are_refused(
   assert f"holds {theirs} features, but eval.pr_features={pr_features!r}" in str(err.value)
   assert f"extractor: {theirs!r} vs {pr_features!r}" in str(err.value)
   assert not os.path.exists(tmp_path / "run" / "eval")  # nothing written
+
+
+@pytest.mark.parametrize("which", ["stats", "features"])
+def test_a_reference_of_another_image_size_is_refused(
+  tmp_path, data_dir, reference, weights_path, which
+):
+  """The demo's 16x16 samples against a reference recorded at 32x32: refused, nothing written."""
+  path = str(tmp_path / f"ref_32x32_{which}.npz")
+  if which == "stats":
+    loaded = stats.load_stats(reference["stats"])
+    meta = dataclasses.replace(loaded.meta, image_size="32x32")
+    stats.save_stats(path, loaded.sums, meta)
+  else:
+    feats, meta = stats.load_features(reference["features"])
+    stats.save_features(path, feats, dataclasses.replace(meta, image_size="32x32"))
+  overrides = _eval_overrides(data_dir, reference, weights_path, **{f"reference_{which}": path})
+  with pytest.raises(stats.IncompatibleStatsError) as err:
+    evaluation.evaluate(_config(overrides), str(tmp_path / "run"))
+  message = str(err.value)
+  assert path in message and "32x32" in message and "16x16" in message, message
+  assert not os.path.exists(tmp_path / "run" / "eval")
+
+
+def test_results_record_the_reference_image_size(evaluated, reference):
+  loaded = stats.load_stats(reference["stats"])
+  assert loaded.meta.image_size == "16x16"
+  for result in evaluated["results"]:
+    assert result["reference_image_size"] == "16x16"
+    assert result["reference_features_image_size"] == "16x16"
 
 
 def test_evaluate_with_vgg16_precision_recall(

@@ -9,6 +9,7 @@ torch: its comparison runs where `pip install torch==2.14.1 torchvision==0.29.1 
 was done. Inception costs ~6 GFLOP per image on CPU, so only a few images run.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -374,13 +375,57 @@ def test_stats_files_refuse_mismatched_provenance(tmp_path):
   for other in (other_weights, other_resize):
     with pytest.raises(stats.IncompatibleStatsError):
       stats.check_compatible(meta, other)
-  stats.check_compatible(meta, stats.StatsMeta("w1", preprocess.PREPROCESSING, 5, "64x64", 7))
+  other_size = stats.StatsMeta("w1", preprocess.PREPROCESSING, 5, "64x64", 7)
+  with pytest.raises(stats.IncompatibleStatsError, match="image_size: '32x32' vs '64x64'"):
+    stats.check_compatible(meta, other_size)
+  for unknown in ("", "mixed"):  # an unrecorded or mixed size is not compared
+    stats.check_compatible(meta, dataclasses.replace(other_size, image_size=unknown))
+  stats.check_compatible(meta, stats.StatsMeta("w1", preprocess.PREPROCESSING, 5, "32x32", 7))
 
   np.savez(tmp_path / "foreign.npz", mu=s.mean(), sigma=s.cov())  # pytorch-fid's own format
   foreign = stats.load_stats(str(tmp_path / "foreign.npz"))
   with pytest.raises(stats.IncompatibleStatsError):
     stats.fid_between(loaded, foreign)
   assert stats.fid_between(loaded, foreign, allow_unverified=True) == pytest.approx(0, abs=1e-9)
+
+
+def _flip_a_byte_inside_the_first_member(path) -> None:
+  with zipfile.ZipFile(path) as z:
+    info = z.infolist()[0]
+  with open(path, "r+b") as f:  # a byte of the stored array data, past the local header
+    f.seek(info.header_offset + 30 + len(info.filename) + len(info.extra) + 100)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize(
+  "damage",
+  ["truncated", "flipped byte (CRC)", "a .npy file", "a pickle", "text"],
+)
+def test_an_unreadable_stats_file_is_named(damage, tmp_path):
+  rng = np.random.default_rng(3)
+  s = stats.FeatureStats.from_features(rng.normal(size=(40, 30)))
+  path = str(tmp_path / "ref.npz")
+  stats.save_stats(path, s, stats.StatsMeta("w1", preprocess.PREPROCESSING, 30, "32x32", 40))
+  if damage == "truncated":
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  elif damage == "flipped byte (CRC)":
+    _flip_a_byte_inside_the_first_member(path)
+  elif damage == "a .npy file":
+    with open(path, "wb") as f:
+      np.save(f, np.zeros(3))
+  elif damage == "a pickle":
+    with open(path, "wb") as f:
+      np.save(f, np.array([{"mu": 1}], dtype=object), allow_pickle=True)
+  else:
+    with open(path, "w") as f:
+      f.write("mu sigma\n")
+  with pytest.raises(ValueError) as err:
+    stats.load_stats(path)
+  assert str(err.value).startswith(f"{path} is not a readable .npz archive"), err.value
+  assert "allow_pickle" not in str(err.value)
 
 
 def test_precision_recall_constructed():

@@ -160,6 +160,24 @@ def test_a_few_hundred_steps_drive_the_loss_down():
   assert loss[-50:].mean() < 0.6 * loss[:20].mean(), (loss[:20].mean(), loss[-50:].mean())
 
 
+def test_a_streak_of_max_nonfinite_steps_halts_the_step_on_the_device():
+  config = test_config.get_config()
+  config.train.max_consecutive_nonfinite = 2
+  mesh, _, state, step = build(config, 8)
+  data = dataset(config, 16)
+  bad = data.copy()
+  bad[0, 0, 0, 0] = np.nan
+  state, _ = step(state, {"x": put(data, mesh)})
+  for _ in range(2):  # steps 2 and 3 (indices 1, 2) are skipped: the streak reaches the maximum
+    state, metrics = step(state, {"x": put(bad, mesh)})
+  halted = jax.device_get(state)
+  assert int(halted.nonfinite_streak) == 2 and int(halted.last_nonfinite_step) == 2
+  # From now on no step counts, finite or not: the state stays as it was at the streak's end.
+  for batch in (data, bad, data):
+    state, metrics = step(state, {"x": put(batch, mesh)})
+  jax.tree.map(np.testing.assert_array_equal, halted, jax.device_get(state))
+
+
 def test_nonfinite_step_changes_nothing_but_the_counters():
   config = test_config.get_config()
   config.optim.warmup_steps = 10  # lr(t) = 1e-3 * t / 10 after t applied updates

@@ -250,14 +250,14 @@ def test_loop_compiles_once_and_reads_the_device_only_on_logging_steps(base, tmp
   """Counts, per step of the real training loop, the jax traces and compiles of the step function
   and every read of a device array on the host (jax.Array -> numpy / Python scalar): the step is
   traced and compiled during the first step only, across three curriculum stages, and the arrays
-  are read only after logging steps (and for the final checkpoint)."""
+  are read only at logging and saving steps (the non-finite streak before a save)."""
   config = th.load_config(
     dict(
       base,
       **{
         "train.total_steps": 12,  # s0=2, s1=8: N = 3, 5, 9 over the run
         "train.log_every_steps": 4,
-        "ckpt.every_steps": 1000,  # only the final save
+        "ckpt.every_steps": 1000,  # orbax's first save (step 1) and the final one
         "mesh.num_devices": 4,
       },
     )
@@ -304,9 +304,9 @@ def test_loop_compiles_once_and_reads_the_device_only_on_logging_steps(base, tmp
   # Traced and compiled once, inside the first step's call.
   assert {tag for _, tag in compiles} == {1}, compiles
   assert sum(e == dispatch.JAXPR_TRACE_EVENT for e, _ in compiles) == 1, compiles
-  # The counter sees the logging fetches (so it can fail), and nothing else.
-  assert all(reads[k] > 0 for k in (4, 8, 12)), reads
-  assert {k for k in reads if k > 0} == {4, 8, 12}, reads
+  # The counter sees the logging and saving fetches (so it can fail), and nothing else.
+  assert all(reads[k] > 0 for k in (1, 4, 8, 12)), reads
+  assert {k for k in reads if k > 0} == {1, 4, 8, 12}, reads
   # The run crossed three curriculum stages (method.md 3.2; logged N of steps 3, 7, 11).
   logged = _read_events(str(tmp_path / "work"))["num_scales"]
   assert {k: int(v) for k, v in logged.items()} == {4: 3, 8: 5, 12: 9}
@@ -699,10 +699,8 @@ def test_bad_input_is_a_clear_error_and_nothing_is_overwritten(case, straight, d
 # -- non-finite loss -------------------------------------------------------------------------------
 
 
-def test_nonfinite_loss_stops_naming_last_good_checkpoint(
-  straight, dataset, cache_dir, base, tmp_path
-):
-  # Latent statistics whose mean is NaN make every normalized latent, hence every loss, NaN.
+def _nan_dataset(dataset, tmp_path) -> str:
+  """A copy of the dataset whose latent mean is NaN: every normalized latent, every loss, is NaN."""
   bad = _copy(dataset, tmp_path / "nan_latents")
   path = os.path.join(bad, latents.STATS_FILENAME)
   with open(path) as f:
@@ -711,22 +709,36 @@ def test_nonfinite_loss_stops_naming_last_good_checkpoint(
     block["mean"] = np.full(np.shape(block["mean"]), np.nan).tolist()
   with open(path, "w") as f:
     json.dump(doc, f)
-  # The straight run as it stood after step k = 3 (checkpoints 1 and 3).
+  return bad
+
+
+@pytest.mark.parametrize(
+  "case, change, streak, last",
+  [
+    # A save at every step and keep=2: saving during the streak would rotate checkpoint 3 out.
+    ("rotation", {"ckpt.every_steps": 1, "ckpt.keep": 2, "train.max_consecutive_nonfinite": 3}, 3, 6),
+    # No log or save step until the last: the device halts the run at the 2nd skipped step.
+    ("halt", {"ckpt.every_steps": 100, "train.log_every_steps": 100,
+              "train.max_consecutive_nonfinite": 2}, 2, 5),
+  ],
+)
+def test_nonfinite_streak_never_saves_and_keeps_the_last_good_checkpoint(
+  straight, dataset, cache_dir, base, tmp_path, case, change, streak, last
+):
+  # The straight run as it stood after step k = 3 (checkpoints 1 and 3), resumed on NaN data.
   work = _copy(straight["workdir"], tmp_path / "work")
   k = 3
   shutil.rmtree(os.path.join(work, "checkpoints", str(STEPS)))
-  overrides = dict(base, **{"data.dir": bad, "train.max_consecutive_nonfinite": 2})
+  overrides = dict(base, **{"data.dir": _nan_dataset(dataset, tmp_path)}, **change)
   rc, log = th.run_job(work, overrides, th.job_env(cache_dir, DEVICES), tmp_path / "log.txt")
   assert rc != 0
   assert "NonFiniteLossError" in log, log[-4000:]
-  # Steps k+1 and k+2 (numbered as the metrics and checkpoints) were skipped. Checkpoint k+1 was
-  # saved during the streak, so the last good one is k.
-  assert f"2 consecutive non-finite steps, {k + 1} to {k + 2}" in log, log[-3000:]
+  # Steps k+1 .. `last` (numbered as the metrics and checkpoints) were skipped, and no later one
+  # counted even when the host saw the streak only at the last step.
+  assert f"{streak} consecutive non-finite steps, {k + 1} to {last}" in log, log[-3000:]
   assert re.search(rf"last good checkpoint: step {k} in \S*checkpoints", log), log[-3000:]
-  assert re.search(rf"\] \[{k + 1}\] .*loss=nan", log)
-  assert f"1 step(s) skipped so far, the last at step {k + 1}" in log
-  assert th.checkpoint_steps(work) == [1, k, k + 1]  # every step saved; not the one that raised
-  config = th.load_config(base)
-  good, skipped = th.read_state(work, config, k), th.read_state(work, config, k + 1)
-  th.assert_states_equal(good.params, skipped.params)  # a skipped step leaves the params alone
-  assert int(skipped.nonfinite_streak) == 1 and int(good.nonfinite_streak) == 0
+  assert th.checkpoint_steps(work) == [1, k]  # nothing saved during the streak, nothing rotated
+  if case == "rotation":
+    assert re.search(rf"\] \[{k + 1}\] .*loss=nan", log)
+    assert f"1 step(s) skipped so far, the last at step {k + 1}" in log
+    assert f"Not saving step {k + 1}: step {k + 1} was non-finite" in log, log[-3000:]

@@ -25,6 +25,27 @@ from lct_jax.io import checkpoint
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = "configs/test.py"
 DEMO_CONFIG = "configs/demo.py"
+# A tiny run of the demo config (pixel:2 latents of 16x16 digits, 2 steps of a one-level net),
+# for tests that run the real binaries.
+TINY_DEMO_RUN = {
+  "data.encode_config": "",
+  "data.num_examples": 32,
+  # pixel:2 rather than the demo's gray:2: three identical channels, as in the VGG16 fixtures.
+  "data.autoencoder": "pixel:2",
+  "data.latent_shape": (8, 8, 12),
+  "train.global_batch_size": 16,
+  "train.total_steps": 2,
+  "train.sample_every_steps": 0,
+  "train.log_every_steps": 1,
+  "ckpt.every_steps": 1,
+  "ckpt.keep": 5,
+  "model.model_channels": 16,  # a smaller net than the demo's: compiles in half the time
+  "model.channel_mult": (1,),
+  # The demo scores its final checkpoint against a reference it makes from the 5,000 digits;
+  # these runs are scored by hand, if at all.
+  "eval.after_training": False,
+  "eval.reference_images": "",
+}
 
 
 def job_env(cache_dir: str, devices: int) -> dict[str, str]:
@@ -194,3 +215,14 @@ def snapshot(folder) -> dict[str, tuple]:
           digest = hashlib.sha256(f.read()).hexdigest()
       out[os.path.relpath(path, folder)] = (st.st_mtime_ns, st.st_size, digest)
   return out
+
+
+def encode_tiny_demo(output_dir: str) -> str:
+  """32 demo digits at 16x16 through pixel:2 (TINY_DEMO_RUN's data), by the encode library call."""
+  from lct_jax.io import encoding
+
+  cfg = load_config({"autoencoder": "pixel:2"}, "configs/encode/demo.py")
+  cfg.output_dir = output_dir
+  cfg.max_examples, cfg.resolution, cfg.shard_size, cfg.batch_size = 32, 16, 32, 32
+  encoding.encode_dataset(cfg)
+  return output_dir

@@ -248,6 +248,7 @@ def make_train_step(
   optim_cfg: OptimConfig,
   mesh: Mesh,
   microbatches: int = 1,
+  max_nonfinite_streak: int = 0,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)`, jitted over `mesh`, state donated.
 
@@ -260,7 +261,10 @@ def make_train_step(
   `make_coupling_cost`, `ot.apply_permutation`), which the step then applies instead of solving it. The
   teacher is the same params under stop_gradient, with the student's dropout key. A step whose loss
   or gradient is not finite leaves params, EMA and optimizer state unchanged and is counted in
-  `state.nonfinite_steps`; the step counter advances either way. Metrics stay on the device.
+  `state.nonfinite_steps`; the step counter advances either way. Once `max_nonfinite_streak`
+  (> 0) steps in a row were skipped, the run is halted on the device: every later step leaves the
+  whole state as it is, so the host may notice at its next log or save step and still report the
+  streak exactly. Metrics stay on the device.
   """
   data_sharding = mesh_lib.batch_sharding(mesh)
 
@@ -335,6 +339,12 @@ def make_train_step(
       ((loss, (ct, diff)), grads), _ = jax.lax.scan(accumulate, init, split)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    halted = (
+      state.nonfinite_streak >= max_nonfinite_streak
+      if max_nonfinite_streak > 0
+      else jnp.zeros((), bool)
+    )
+    live = ~halted
 
     decay = optim_cfg.ema_decay
 
@@ -348,7 +358,7 @@ def make_train_step(
     # select of new against old: with `where` every state buffer is read after its donated buffer
     # is rewritten, so XLA copies the whole state each step (1,842 copies in the paper step).
     params, ema, opt_state = jax.lax.cond(
-      finite,
+      finite & live,
       update,
       lambda *old: old,
       state.params,
@@ -356,13 +366,15 @@ def make_train_step(
       state.opt_state,
     )
     new_state = state.replace(
-      step=state.step + 1,
+      step=state.step + live.astype(jnp.int32),
       params=params,
       ema_params=ema,
       opt_state=opt_state,
-      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-      last_nonfinite_step=jnp.where(finite, state.last_nonfinite_step, state.step),
+      nonfinite_steps=state.nonfinite_steps + (~finite & live).astype(jnp.int32),
+      nonfinite_streak=jnp.where(
+        halted, state.nonfinite_streak, jnp.where(finite, 0, state.nonfinite_streak + 1)
+      ),
+      last_nonfinite_step=jnp.where(finite | halted, state.last_nonfinite_step, state.step),
     )
     metrics = dict(
       loss=loss,
@@ -373,7 +385,7 @@ def make_train_step(
       learning_rate=lr_schedule(schedule_count(state.opt_state)),
       grad_norm=grad_norm,
       diff_fraction=jnp.mean(mask.astype(jnp.float32)),
-      nonfinite=(~finite).astype(jnp.int32),
+      nonfinite=(~finite & live).astype(jnp.int32),
     )
     return new_state, metrics
 

@@ -82,11 +82,38 @@ def load_meta(data: Any) -> dict[str, Any] | None:
   return json.loads(str(data[META_KEY]))
 
 
+def read_npz(
+  path: str, meta_only: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+  """All arrays of the .npz `path` (read now; none if `meta_only`) and its metadata (or None).
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: `path` is not a readable .npz archive (truncated, corrupt, a .npy or another
+      format); the message names the file.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      # CRC and truncation errors surface while the arrays are read, so all are read here.
+      names = [] if meta_only else [k for k in data.files if k != META_KEY]
+      arrays = {k: np.asarray(data[k]) for k in names}
+      return arrays, load_meta(data)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # zipfile.BadZipFile, zlib / CRC errors, a pickle or .npy file, bad JSON
+    cause = " ".join(str(e).split())[:200]
+    if "allow_pickle" in cause:  # numpy's guess for any file that is neither .npz nor .npy
+      cause = "not a zip archive: pickled objects, text or another format"
+    raise ValueError(
+      f"{path} is not a readable .npz archive ({type(e).__name__}: {cause}); delete it or write "
+      "it anew"
+    ) from e
+
+
 def load_float32_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """A weights .npz written by `save_npz_atomic`: its arrays as float32, and its meta ({} if none)."""
-  with np.load(path, allow_pickle=False) as data:
-    flat = {k: np.asarray(data[k], np.float32) for k in data.files if k != META_KEY}
-    return flat, load_meta(data) or {}
+  arrays, meta = read_npz(path)
+  return {k: np.asarray(v, np.float32) for k, v in arrays.items()}, meta or {}
 
 
 def save_json_atomic(path: str, obj: Any) -> None:

@@ -216,6 +216,10 @@ class StatsMeta:
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# image_size values that say nothing about the size: unrecorded, or images of several sizes.
+UNKNOWN_SIZES = ("", "mixed")
+
+
 def check_compatible(a: StatsMeta | None, b: StatsMeta | None, allow_unverified: bool = False):
   """Refuses to compare statistics made with different extractors, weights, preprocessing or size.
 
@@ -223,6 +227,8 @@ def check_compatible(a: StatsMeta | None, b: StatsMeta | None, allow_unverified:
     a, b: the two statistics' metadata; None for a foreign file without metadata (e.g. a
       pytorch-fid .npz).
     allow_unverified: accept a None (foreign) side; its provenance cannot be checked.
+
+  The image sizes are compared when both are recorded (not "" or "mixed").
 
   Raises:
     IncompatibleStatsError: naming the fields that differ.
@@ -235,9 +241,12 @@ def check_compatible(a: StatsMeta | None, b: StatsMeta | None, allow_unverified:
       "weights and preprocessing; recompute them with `python -m lct_jax.tools.fid_stats` or "
       "pass allow_unverified=True"
     )
+  names = ["extractor", "weights_sha256", "preprocessing", "feature_dim"]
+  if all(size not in UNKNOWN_SIZES for size in (a.image_size, b.image_size)):
+    names.append("image_size")
   problems = [
     f"{name}: {getattr(a, name)!r} vs {getattr(b, name)!r}"
-    for name in ("extractor", "weights_sha256", "preprocessing", "feature_dim")
+    for name in names
     if getattr(a, name) != getattr(b, name)
   ]
   if problems:
@@ -279,12 +288,13 @@ def save_stats(path: str, stats: FeatureStats, meta: StatsMeta) -> None:
 
 def load_stats(path: str) -> LoadedStats:
   """Reads a statistics file written by `save_stats`, or a foreign one with just mu and sigma."""
-  with np.load(path, allow_pickle=False) as data:
-    mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
-    raw = npz_io.load_meta(data)
-    sums = None
-    if "outer_sum" in data.files:
-      sums = FeatureStats(int(data["count"]), data["feature_sum"], data["outer_sum"])
+  data, raw = npz_io.read_npz(path)
+  if "mu" not in data or "sigma" not in data:
+    raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (write it with lct_jax.tools.fid_stats)")
+  mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+  sums = None
+  if "outer_sum" in data:
+    sums = FeatureStats(int(data["count"]), data["feature_sum"], data["outer_sum"])
   return LoadedStats(mu, sigma, StatsMeta.from_dict(raw) if raw else None, sums)
 
 
@@ -307,8 +317,7 @@ def save_features(path: str, features: np.ndarray, meta: StatsMeta) -> None:
 
 def load_features(path: str) -> tuple[np.ndarray, StatsMeta | None]:
   """Reads a `save_features` file: (float32 (N, d) features, metadata or None if foreign)."""
-  with np.load(path, allow_pickle=False) as data:
-    if "features" not in data.files:
-      raise ValueError(f"{path} has no 'features' array (write it with fid_stats --features_out)")
-    raw = npz_io.load_meta(data)
-    return np.asarray(data["features"], np.float32), StatsMeta.from_dict(raw) if raw else None
+  data, raw = npz_io.read_npz(path)
+  if "features" not in data:
+    raise ValueError(f"{path} has no 'features' array (write it with fid_stats --features_out)")
+  return np.asarray(data["features"], np.float32), StatsMeta.from_dict(raw) if raw else None

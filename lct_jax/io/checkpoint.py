@@ -12,6 +12,7 @@ cleans up anything and installs no signal handler, so it can follow a training j
 writing.
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -27,6 +28,35 @@ DATA_ITEM = "data_position"
 # Checkpoints written before 2026-11-26 (second session) hold it in grain's handler instead: one
 # file per process, `data/process_{i}-of-{n}.json`, all equal; any of them serves.
 LEGACY_DATA_ITEM = "data"
+
+
+class CheckpointShapeError(ValueError):
+  """A saved array whose shape differs from the run's model (the message names it)."""
+
+
+class CheckpointReadError(RuntimeError):
+  """A checkpoint that cannot be read; the message names its step and folder, and the way back."""
+
+
+@contextlib.contextmanager
+def _reading(directory: str, step: int, steps: list[int], fallback: str):
+  """Turns any failure to read checkpoint `step` into one CheckpointReadError naming it.
+
+  `fallback` is how the job goes on without it, given the next older step ("{older}").
+  """
+  try:
+    yield
+  except CheckpointShapeError:
+    raise
+  except Exception as e:  # truncated or missing files: TensorStore, pytree, Zstd, JSON errors
+    step_dir = os.path.join(directory, str(step))
+    older = [s for s in steps if s < step]
+    cause = " ".join(str(e).split())[:120]
+    way_back = fallback.format(older=older[-1]) if older else "there is no older checkpoint"
+    raise CheckpointReadError(
+      f"checkpoint step {step} in {directory} cannot be read ({type(e).__name__}: {cause}); "
+      f"{way_back}, or delete {step_dir}"
+    ) from e
 
 
 class Checkpointer:
@@ -62,14 +92,27 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
-    """Restores the state at `step` into `abstract_state`'s shardings; sets `data_iter`'s state."""
-    check_shapes(self.directory, step, abstract_state)
-    restored = self.manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    )
+    """Restores the state at `step` into `abstract_state`'s shardings; sets `data_iter`'s state.
+
+    Raises:
+      CheckpointShapeError: the saved arrays do not fit the run's model.
+      CheckpointReadError: the checkpoint's files are damaged (truncated, missing).
+    """
+    corrupt = os.path.join(os.path.dirname(self.directory), f"corrupt_checkpoint_{step}")
+    fallback = f"to resume from step {{older}}, move it aside (mv {self.directory}/{step} {corrupt})"
+    with _reading(self.directory, step, self.all_steps(), fallback):
+      check_shapes(self.directory, step, abstract_state)
+      restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      )
+      position = data_position(self.directory, step)
     if data_iter is not None:
-      data_iter.set_state(json.dumps(data_position(self.directory, step)).encode())
+      data_iter.set_state(json.dumps(position).encode())
     return restored["state"]
+
+  def due(self, step: int) -> bool:
+    """Whether the interval policy saves `step` (orbax's first save, then every ckpt.every_steps)."""
+    return self.manager.should_save(step)
 
   def save(self, step: int, state: Any, data_iter: Any | None, *, force: bool = False) -> bool:
     """Saves (asynchronously) if the interval policy or `force` says so; returns whether it did."""
@@ -98,7 +141,7 @@ def _key_names(path) -> tuple[str, ...]:
 
 
 def check_shapes(directory: str, step: int, abstract: Any) -> None:
-  """Raises ValueError naming the first array whose saved shape differs from `abstract`'s.
+  """Raises CheckpointShapeError naming the first array whose saved shape differs from `abstract`'s.
 
   A model config other than the one the run was written with (channel counts, the conv kernels'
   storage order `model.kernel_layout`) otherwise fails deep in orbax without naming the array.
@@ -111,7 +154,7 @@ def check_shapes(directory: str, step: int, abstract: Any) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
     name = _key_names(path)
     if name in shapes and shapes[name] != tuple(leaf.shape):
-      raise ValueError(
+      raise CheckpointShapeError(
         f"checkpoint {step_dir}: {'/'.join(name)} is {shapes[name]} there but {tuple(leaf.shape)} "
         "in this run's model; restore with the model config that wrote it (the run's "
         "config.json; e.g. model.kernel_layout, model.model_channels)"
@@ -168,13 +211,15 @@ class CheckpointReader:
     manager = self._open()
     if manager is None:
       raise FileNotFoundError(f"no checkpoints in {self.directory}")
-    check_shapes(self.directory, step, abstract)
-    item = ocp.args.PyTreeRestore(
-      abstract,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-      partial_restore=True,
-    )
-    return dict(manager.restore(step, args=ocp.args.Composite(state=item))["state"])
+    fallback = "score step {older} instead (--config.eval.checkpoint_step={older})"
+    with _reading(self.directory, step, self.all_steps(), fallback):
+      check_shapes(self.directory, step, abstract)
+      item = ocp.args.PyTreeRestore(
+        abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True,
+      )
+      return dict(manager.restore(step, args=ocp.args.Composite(state=item))["state"])
 
   def close(self) -> None:
     if self._manager is not None:

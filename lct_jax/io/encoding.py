@@ -167,20 +167,28 @@ def _encode_shard(
 ) -> tuple[int, list[dict[str, Any]], int]:
   start = shard * config.shard_size
   stop = min(num_images, start + config.shard_size)
-  examples, pending, skipped = [], [], []
+  examples, pending, skipped, small = [], [], [], []
   for record in source.read_range(start, stop, config.resolution):
     progress.update(1)
     if record.image is None:
       logging.warning("skipping unreadable image %s: %s", record.id, record.error)
       skipped.append({"id": record.id, "index": record.index, "error": record.error})
       continue
+    if min(record.source_size) < config.resolution:
+      small.append((min(record.source_size), list(record.source_size), record.id))
     pending.append(record)
     if len(pending) == encoder.batch_size:
       examples += _encode_records(pending, encoder, config.flip, config.seed)
       pending = []
   if pending:
     examples += _encode_records(pending, encoder, config.flip, config.seed)
-  manifest = {"source_range": [start, stop], "skipped": skipped, "process": jax.process_index()}
+  manifest = {
+    "source_range": [start, stop],
+    "skipped": skipped,
+    "process": jax.process_index(),
+    # Upsampled images: their count, and the smallest (its [width, height] and id).
+    "smaller_than_resolution": {"count": len(small), "smallest": min(small)[1:] if small else None},
+  }
   num_bytes = ld.write_shard(config.output_dir, shard, num_shards, features, examples, manifest)
   return stop - start, skipped, num_bytes
 
@@ -223,6 +231,9 @@ def _finalize(
     )
   manifests = [ld.read_manifest(folder, s, num_shards) for s in range(num_shards)]
   skipped = [item for m in manifests for item in m["skipped"]]
+  small = [m["smaller_than_resolution"] for m in manifests]
+  num_small = sum(x["count"] for x in small)
+  smallest = min((x["smallest"] for x in small if x["count"]), default=None, key=lambda x: min(x[0]))
   lengths = [m["num_examples"] for m in manifests]
   num_bytes = sum(m["num_bytes"] for m in manifests)
   report = {
@@ -232,6 +243,8 @@ def _finalize(
     "resolution": config.resolution,
     "images_read": num_images,
     "images_skipped": len(skipped),
+    "images_smaller_than_resolution": num_small,
+    "smallest_image": None if smallest is None else {"size": smallest[0], "id": smallest[1]},
     "examples_written": sum(lengths),
     "shards": num_shards,
     "bytes": num_bytes,
@@ -240,6 +253,13 @@ def _finalize(
     "skipped": skipped,
   }
   ld._atomic_write_json(os.path.join(folder, REPORT_FILENAME), report)
+  if num_small:
+    (w, h), image_id = smallest
+    logging.warning(
+      "%d of %d images are smaller than resolution=%d and are upsampled (smallest: %s, %dx%d); "
+      "the count is in %s",
+      num_small, num_images, config.resolution, image_id, w, h, REPORT_FILENAME,
+    )
   with open(os.path.join(folder, SKIPPED_FILENAME), "w") as f:
     f.write(f"# {len(skipped)} of {num_images} images skipped (unreadable or truncated)\n")
     f.writelines(f"{s['id']}\t{s['error']}\n" for s in skipped)

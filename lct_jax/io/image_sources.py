@@ -41,6 +41,18 @@ class Record:
   label: int
   image: np.ndarray | None
   error: str | None = None
+  source_size: tuple[int, int] | None = None  # (width, height) before preprocessing
+
+
+def read_record(
+  index: int, image_id: str, label: int, load: Callable[[], Image.Image], resolution: int
+) -> Record:
+  """The preprocessed Record of the image `load()` returns, or one with `error` if it fails."""
+  try:
+    img = load()
+    return Record(index, image_id, label, preprocess(img, resolution), source_size=img.size)
+  except Exception as e:  # noqa: BLE001 - any decode failure is a skipped image
+    return Record(index, image_id, label, None, f"{type(e).__name__}: {e}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -131,10 +143,7 @@ class _RandomAccessSource(ImageSource):
 
   def _record(self, index: int, resolution: int) -> Record:
     image_id, label = self._meta(index)
-    try:
-      return Record(index, image_id, label, preprocess(self._image(index), resolution))
-    except Exception as e:  # noqa: BLE001 - any decode failure is a skipped image
-      return Record(index, image_id, label, None, f"{type(e).__name__}: {e}")
+    return read_record(index, image_id, label, lambda: self._image(index), resolution)
 
   def read_range(self, start: int, stop: int, resolution: int) -> Iterator[Record]:
     fn = lambda i: self._record(i, resolution)  # noqa: E731
@@ -459,10 +468,8 @@ class TfdsSource(ImageSource):
       label = int(ex[self.label_key]) if self.label_key else NO_LABEL
       raw_id = ex[self.id_key] if self.id_key else None
       image_id = raw_id.decode() if isinstance(raw_id, bytes) else f"{self.split}/{index}"
-      try:
-        return Record(index, image_id, label, preprocess(_decode(ex[self.image_key]), resolution))
-      except Exception as e:  # noqa: BLE001
-        return Record(index, image_id, label, None, f"{type(e).__name__}: {e}")
+      load = lambda: _decode(ex[self.image_key])  # noqa: E731
+      return read_record(index, image_id, label, load, resolution)
 
     yield from bounded_map(record, range(start, stop), self.workers, window=64)
 
@@ -491,5 +498,6 @@ def make_source(config: Any) -> ImageSource:
       workers,
     )
   raise ValueError(
-    f"unknown source {config.source!r}; expected folder, zip, tfds, fashion_mnist or demo"
+    f"config.source={config.source!r}: unknown source; expected folder, zip, tfds, "
+    "fashion_mnist or demo"
   )

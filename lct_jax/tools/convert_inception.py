@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 
 from lct_jax.fid import inception, inception_weights
+from lct_jax.io import job_logging
 
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
@@ -41,4 +42,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  job_logging.run(main, "lct_jax.tools.convert_inception")

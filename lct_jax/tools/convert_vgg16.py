@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from lct_jax.fid import inception_weights, npz_io, vgg
+from lct_jax.io import job_logging
 
 # torchvision's nn.Sequential indices of the 13 convs in `features`.
 TORCHVISION_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
@@ -148,4 +149,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  job_logging.run(main, "lct_jax.tools.convert_vgg16")

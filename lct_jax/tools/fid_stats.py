@@ -32,7 +32,7 @@ from absl import app, flags
 from PIL import Image
 
 from lct_jax.fid import reference
-from lct_jax.io import image_sources
+from lct_jax.io import image_sources, job_logging
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -235,4 +235,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  job_logging.run(main, "lct_jax.tools.fid_stats")

@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from lct_jax import config_lib
 from lct_jax.core import curriculum
+from lct_jax.io import job_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -43,5 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  job_logging.run(main, "lct_jax.tools.schedule", required=["config"])
