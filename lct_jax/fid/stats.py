@@ -290,7 +290,9 @@ def load_stats(path: str) -> LoadedStats:
   """Reads a statistics file written by `save_stats`, or a foreign one with just mu and sigma."""
   data, raw = npz_io.read_npz(path)
   if "mu" not in data or "sigma" not in data:
-    raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (write it with lct_jax.tools.fid_stats)")
+    raise ValueError(
+      f"{path} has no 'mu' and 'sigma' arrays (write it with lct_jax.tools.fid_stats)"
+    )
   mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
   sums = None
   if "outer_sum" in data:

@@ -99,7 +99,8 @@ class Checkpointer:
       CheckpointReadError: the checkpoint's files are damaged (truncated, missing).
     """
     corrupt = os.path.join(os.path.dirname(self.directory), f"corrupt_checkpoint_{step}")
-    fallback = f"to resume from step {{older}}, move it aside (mv {self.directory}/{step} {corrupt})"
+    moved = f"mv {self.directory}/{step} {corrupt}"
+    fallback = f"to resume from step {{older}}, move it aside ({moved})"
     with _reading(self.directory, step, self.all_steps(), fallback):
       check_shapes(self.directory, step, abstract_state)
       restored = self.manager.restore(
@@ -111,7 +112,7 @@ class Checkpointer:
     return restored["state"]
 
   def due(self, step: int) -> bool:
-    """Whether the interval policy saves `step` (orbax's first save, then every ckpt.every_steps)."""
+    """Whether the interval policy saves `step` (the first save, then every ckpt.every_steps)."""
     return self.manager.should_save(step)
 
   def save(self, step: int, state: Any, data_iter: Any | None, *, force: bool = False) -> bool:

@@ -233,7 +233,8 @@ def _finalize(
   skipped = [item for m in manifests for item in m["skipped"]]
   small = [m["smaller_than_resolution"] for m in manifests]
   num_small = sum(x["count"] for x in small)
-  smallest = min((x["smallest"] for x in small if x["count"]), default=None, key=lambda x: min(x[0]))
+  sizes = [x["smallest"] for x in small if x["count"]]
+  smallest = min(sizes, default=None, key=lambda x: min(x[0]))
   lengths = [m["num_examples"] for m in manifests]
   num_bytes = sum(m["num_bytes"] for m in manifests)
   report = {

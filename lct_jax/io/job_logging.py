@@ -83,9 +83,9 @@ def _fail(prog: str, lines: list[str], status: int) -> None:
 
 
 def _stray_exception(unraisable) -> None:
-  # After a failed orbax read, TensorStore's callbacks for the reads still in flight reach an asyncio
-  # loop that is already closed and report "Event loop is closed" as unraisable; they are not the
-  # job's error, so they go to the log at verbosity 1 (--v=1) instead of a stderr traceback.
+  # After a failed orbax read, TensorStore's callbacks for the reads still in flight reach an
+  # asyncio loop that is already closed and report "Event loop is closed" as unraisable. They are
+  # not the job's error: they go to the log at verbosity 1 (--v=1), not to stderr.
   e = unraisable.exc_value
   if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
     logging.vlog(1, "".join(traceback.format_exception(type(e), e, unraisable.exc_traceback)))
