@@ -486,9 +486,8 @@ def evaluate(
   validate(config, mesh.size, checks)
   checks.raise_any()
   reader = checkpoint.CheckpointReader(workdir)
-  # A chosen step that does not exist is named at once; "no checkpoint yet" after the other checks.
-  chosen = not follow and config.eval.checkpoint_step >= 0
-  step = checkpoint_to_score(config, reader) if chosen else None
+  if not follow and config.eval.checkpoint_step >= 0:  # a chosen step that does not exist: now
+    checkpoint_to_score(config, reader)
   ae = ae_lib.load_autoencoder(config.data.autoencoder)
   # lct_jax.io.summaries imports TensorFlow: only after the autoencoder (see scoring._summaries).
   from lct_jax.io import summaries
@@ -497,8 +496,7 @@ def evaluate(
   scorer = scoring.build_scorer(config, workdir, mesh, ae)
   samplers = build_sampling(config, mesh, ae)
   job = _Job(scorer, samplers, reader, abstract_ema(config, samplers.model, mesh), runs_of(config))
-  if not follow and step is None:  # before the events file is opened
-    step = checkpoint_to_score(config, reader)
+  step = None if follow else checkpoint_to_score(config, reader)  # before the events file opens
   scorer.open_writer()
   try:
     if follow:
