@@ -3,18 +3,24 @@
   python -m benchmarks.ablation [--base=demo] [--out=workdirs/ablation_demo] [--rows=all]
       [--extra_seeds=2] [-- --config.a.b=v ...]
 
-Trains every row of configs/ablation.py on one base config (the cumulative chain iLCT -> +Cauchy
--> +diffusion loss -> +OT -> +adaptive c -> +NsLN, then the pseudo-Huber and Geman-McClure swaps
-of the full recipe) at the base's steps, batch and seed, and the first and last rows of the chain
-with `--extra_seeds` more seeds to show the noise. Each run is the training binary with
-eval.after_training, so it ends with the eval job's 1- and 2-NFE FID and precision/recall of its
-final EMA checkpoint, all against one reference. Overrides after `--` go to every run.
+Trains, on one base config at the base's steps, batch and seed:
+
+* every row of configs/ablation.py: the cumulative chain iLCT -> +Cauchy -> +diffusion loss ->
+  +OT -> +adaptive c -> +NsLN, then the pseudo-Huber and Geman-McClure swaps of the full recipe;
+* the first and last rows of the chain with `--extra_seeds` more seeds, to show the noise.
+
+Each run is the training binary with eval.after_training, so it ends with the eval job's 1- and
+2-NFE FID and precision/recall of its final EMA checkpoint, all against one reference. Overrides
+after `--` go to every run.
 
 Each run has its own workdir under --out; `RUN/ablation_run.json` (written last) marks it done. A
-rerun after a kill skips the finished runs, resumes an interrupted one from its last checkpoint
-(the training job's own resume) and scores it. At the end, and after every run, it writes
-`ablation.json` (every run), `ablation.md` (a table per row: mean and spread over seeds) and
-`ablation.png` (FID per row) in --out.
+rerun after a kill skips the finished runs, and resumes an interrupted one from its last
+checkpoint (the training job's own resume) and scores it. At the end, and after every run, it
+writes to --out:
+
+* `ablation.json`: every run;
+* `ablation.md`: a table per row, mean and spread over seeds;
+* `ablation.png`: FID per row.
 """
 
 import argparse

@@ -1,17 +1,24 @@
 """The paper network's 3x3 convolutions in other formulations: `python -m benchmarks.conv_forms`.
 
-Times, for each distinct 3x3 convolution shape of the paper network (configs/ffhq.py at
-`--batch_size`, found by walking the network's jaxpr), XLA's own convolution against Winograd's
-minimal filtering F(2x2, 3x3) and F(4x4, 3x3) (Lavin & Gray, arXiv 1509.09308) written as a
-batched matrix product between two linear transforms. Winograd does 2.25x (F2) and 4x (F4) fewer
-multiplications than the direct convolution; whether that wins depends on how fast the backend
-runs the batched product and the transforms. One JSON line per shape and form: forward and
-forward + backward (one vjp) seconds, min of `--repeats`, the error against a float64 numpy
-convolution; per shape the time of each Winograd stage of the forward (input transform,
-batched product, output transform); and a last line weighting each form by how often each shape
-occurs in the network (the student's forward + backward and the teacher's forward).
+Times XLA's own convolution against Winograd's minimal filtering F(2x2, 3x3) and F(4x4, 3x3)
+(Lavin & Gray, arXiv 1509.09308), written as a batched matrix product between two linear
+transforms. It does so for each distinct 3x3 convolution shape of the paper network
+(configs/ffhq.py at `--batch_size`, found by walking the network's jaxpr).
 
-A measurement only: the network uses `lax.conv_general_dilated` on every backend (NOTES.md).
+Winograd does 2.25x (F2) and 4x (F4) fewer multiplications than the direct convolution; whether
+that wins depends on how fast the backend runs the batched product and the transforms.
+
+Output, as JSON lines:
+
+* per shape and form: forward and forward + backward (one vjp) seconds, min of `--repeats`, and
+  the error against a float64 numpy convolution;
+* per shape: the time of each Winograd stage of the forward (input transform, batched product,
+  output transform);
+* a last line weighting each form by how often each shape occurs in the network (the student's
+  forward + backward and the teacher's forward).
+
+A measurement only: the network uses `lax.conv_general_dilated` on every backend
+(benchmarks/NOTES.md).
 """
 
 import collections

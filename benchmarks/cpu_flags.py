@@ -1,19 +1,26 @@
-"""XLA:CPU against PyTorch (oneDNN) on this CPU, and what XLA's CPU flags change: one JSON line each.
+"""XLA:CPU against PyTorch (oneDNN) on this CPU, and what XLA's CPU flags change.
+
+Prints one JSON line per measurement.
 
   python benchmarks/cpu_flags.py                          # conv micro-benchmark, every flag set
   python benchmarks/cpu_flags.py --step --flag_sets=,--xla_cpu_use_xnnpack=true
-  python benchmarks/cpu_flags.py --step --flag_sets= --kernel_layouts=HWIO,IHWO,OHWI
   python benchmarks/cpu_flags.py --step --torch_step --flag_sets=   # JAX step against PyTorch's
 
-For each XLA flag set (a fresh process per set, since XLA reads XLA_FLAGS once) it times, after
-warm-up, (a) the forward, and forward + backward, of one 3x3 convolution (batch 8, 256 -> 256
-channels, 32x32, float32, the paper network's widest layer) and, with --step, (b) the paper
-network's full train step at batch 8 (configs/ffhq.py, float32; minutes per set). PyTorch's CPU convolution (oneDNN,
-NCHW and channels-last) is timed on the same shape in the parent process, so the ratio XLA / PyTorch
-is measured in one run on one machine. With --torch_step a separate process also times the same train step
-written in PyTorch (benchmarks/torch_unet.py: the paper network, loss, RAdam and EMA, checked
-against the Flax network by tests/test_torch_reference.py), NCHW and channels-last, and each JAX
-step line gets its ratio to the faster of the two.
+Each XLA flag set runs in a fresh process, since XLA reads XLA_FLAGS once. After warm-up it
+times:
+
+* (a) the forward, and forward + backward, of one 3x3 convolution (batch 8, 256 -> 256 channels,
+  32x32, float32: the paper network's widest layer);
+* (b) with --step, the paper network's full train step at batch 8 (configs/ffhq.py, float32;
+  minutes per set).
+
+PyTorch's CPU convolution (oneDNN, NCHW and channels-last) is timed on the same shape in the
+parent process, so the ratio XLA / PyTorch is measured in one run on one machine.
+
+With --torch_step a separate process also times the same train step written in PyTorch, NCHW and
+channels-last (benchmarks/torch_unet.py: the paper network, loss, RAdam and EMA, checked against
+the Flax network by tests/test_torch_reference.py). Each JAX step line gets its ratio to the
+faster of the two.
 """
 
 import argparse
@@ -94,14 +101,13 @@ def time_torch_conv(repeats: int, channels_last: bool, backward: bool = True) ->
   return _median_time(run if backward else forward, repeats)
 
 
-def time_jax_step(kernel_layout: str) -> dict:
+def time_jax_step() -> dict:
   """The paper network's train step (configs/ffhq.py, float32) at batch 8: benchmarks/train_step."""
   from benchmarks import train_step
   from configs import ffhq
 
   config = ffhq.get_config()
   config.model.dtype = "float32"
-  config.model.kernel_layout = kernel_layout
   return train_step.run(config, batch_size=8, steps=3, warmup=1)
 
 
@@ -135,7 +141,7 @@ def time_torch_step(channels_last: bool, steps: int = 3, warmup: int = 1) -> flo
   return statistics.median(times)
 
 
-def child(flags: str, step: bool, repeats: int, kernel_layouts: list[str]) -> None:
+def child(flags: str, step: bool, repeats: int) -> None:
   """Runs inside a process whose XLA_FLAGS hold `flags`; prints one JSON line per measurement."""
   import jax
 
@@ -145,10 +151,10 @@ def child(flags: str, step: bool, repeats: int, kernel_layouts: list[str]) -> No
     line = dict(base, benchmark="cpu_conv", framework="jax", backward=backward, median_s=t)
     line["gflop_per_s"] = conv_flops(backward) / t / 1e9
     print(json.dumps(line), flush=True)
-  for layout in kernel_layouts if step else ():
-    r = time_jax_step(layout)
+  if step:
+    r = time_jax_step()
     line = dict(base, benchmark="cpu_train_step", framework="jax", config="ffhq", batch_size=8)
-    line.update(kernel_layout=layout, median_s=r["median_step_s"], min_s=r["min_step_s"])
+    line.update(median_s=r["median_step_s"], min_s=r["min_step_s"])
     line.update(flops=r["flops_per_step"])
     print(json.dumps(line), flush=True)
 
@@ -161,11 +167,6 @@ def main() -> None:
     "--torch_step", action="store_true", help="time the PyTorch train step (torch_unet.py) too"
   )
   p.add_argument("--repeats", type=int, default=10)
-  p.add_argument(
-    "--kernel_layouts",
-    default="HWIO",
-    help="with --step: comma-separated model.kernel_layout values",
-  )
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
   p.add_argument("--torch_child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -177,7 +178,7 @@ def main() -> None:
       print(json.dumps(line), flush=True)
     return
   if args.child is not None:
-    child(args.child, args.step, args.repeats, args.kernel_layouts.split(","))
+    child(args.child, args.step, args.repeats)
     return
   sets = DEFAULT_FLAG_SETS if args.flag_sets is None else args.flag_sets.split(",")
   best_torch = {}  # backward -> fastest PyTorch layout's time
@@ -210,7 +211,6 @@ def main() -> None:
       os.path.abspath(__file__),
       f"--child={flags}",
       f"--repeats={args.repeats}",
-      f"--kernel_layouts={args.kernel_layouts}",
     ]
     if args.step:
       cmd.append("--step")

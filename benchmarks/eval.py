@@ -1,13 +1,17 @@
 """Eval throughput: `python -m benchmarks.eval --config=configs/ffhq.py --batch_size=16 [--nfe=2]`.
 
-Times what the eval job does per batch (lct_jax.evaluation): sample (1 or 2 network evaluations)
--> denormalize -> VAE decode to uint8 -> FID Inception pool3 features, sharded over all local
-devices, features fetched to the host; compile excluded. Weights are random at the paper's
-shapes: the config's network (ffhq: DhariwalUNet on 32x32x4 latents), the decoder of
-stabilityai/sd-vae-ft-ema (built locally from its config, 256x256 images), and the Inception from
-the converted weights file when it exists, random otherwise (flagged by "inception_weights":
-"random"; the cost is the same). The float64 feature sums on the host are timed separately.
-Prints one JSON line.
+Times what the eval job does per batch (lct_jax.evaluation): sample (1 or 2 network
+evaluations) -> denormalize -> VAE decode to uint8 -> FID Inception pool3 features. The work is
+sharded over all local devices and the features are fetched to the host; compile is excluded.
+
+Weights are random at the paper's shapes:
+
+* the config's network (ffhq: DhariwalUNet on 32x32x4 latents);
+* the decoder of stabilityai/sd-vae-ft-ema (built locally from its config, 256x256 images);
+* the Inception from the converted weights file when it exists, random otherwise (flagged by
+  "inception_weights": "random"; the cost is the same).
+
+The float64 feature sums on the host are timed separately. Prints one JSON line.
 """
 
 import json
@@ -22,6 +26,7 @@ from ml_collections import config_flags
 
 from lct_jax import config_lib, evaluation, scoring
 from lct_jax.core import mesh as mesh_lib
+from lct_jax.core import sampling
 from lct_jax.fid import inception, stats
 from lct_jax.io import autoencoder as ae_lib
 from lct_jax.io import latents
@@ -80,7 +85,7 @@ def main(argv) -> None:
   latent_stats = latents.LatentStats(
     zeros, zeros + 1, (0.0,) * shape[-1], (1.0,) * shape[-1], 2, False, vae.identity, "", 256, 1.0
   )
-  run = evaluation.Run(tuple(config.eval.sigma_mid[: _NFE.value - 1]))
+  run = sampling.SamplerSpec(tuple(config.eval.sigma_mid[: _NFE.value - 1]))
   generator = evaluation.ImageGenerator(model, config, run, vae, latent_stats, mesh)
   fid_model, weights_kind = load_or_random_inception(_WEIGHTS.value)
   data, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)

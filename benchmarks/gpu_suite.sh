@@ -54,10 +54,6 @@ run $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" --dtype=bfloat
   --profile_steps=3 --dump_dir="$OUT" --label=current ||
   run $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" --dtype=bfloat16 --steps=10 \
     --attention=xla --label=current_xla_attention
-# The same step with conv kernels stored OHWI, the filter layout cuDNN's NHWC kernels read and write
-# (prediction in benchmarks/NOTES.md: no transposes around the weights in the update).
-run $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" --dtype=bfloat16 --steps=10 \
-  --kernel_layout=OHWI --label=current_ohwi
 # fp32 (TF32) beside bf16, and peak memory at batch 128 in fp32 (issue target: fits 80 GB).
 run $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" --dtype=float32 --steps=5 --label=current
 run $(py) benchmarks.ot --batch_sizes="$B,$((8 * B))" --methods=exact,sinkhorn --scopes=local,global --repeats=10
@@ -82,7 +78,7 @@ for r in rows:
     mfu = r["tflops_per_s"] / peak if peak and r["tflops_per_s"] else 0
     mem = (r["peak_memory_bytes"] or 0) / 2**30
     wait = r.get("ot_solve_wait_s_per_step")
-    name = f"{r.get('label', '')} b{r['batch_size']}x{r['microbatches']} {r['dtype']} {r['ot']} {r.get('attention') or ''} {r.get('kernel_layout') or ''}"
+    name = f"{r.get('label', '')} b{r['batch_size']}x{r['microbatches']} {r['dtype']} {r['ot']} {r.get('attention') or ''}"
     pipe = r.get("pipelined_step_s")
     print(f"{name:<50}{r['img_per_s']:>8.0f}{1e3 * r['median_step_s']:>9.1f}{1e3 * (pipe or 0):>9.1f}{(r['tflops_per_s'] or 0):>9.1f}"
           f"{mfu:>7.1%}{mem:>9.1f}{'' if wait is None else f'{1e3 * wait:.2f}':>11}")

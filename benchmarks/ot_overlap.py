@@ -1,12 +1,14 @@
 """Host-ahead exact OT behind a device step: `python -m benchmarks.ot_overlap --batch_size=1024`.
 
 What the training loop (io.coupling.HostCoupledBatches) does with ot.method=exact, measured at
-a batch too large to train in one step on this one device: each step's assignment (the real
-cost function of `train.make_coupling_cost` on batches of the paper's 32x32x4 latents, scipy on
-the host) is solved while the device runs a stand-in step, a chain of bf16 matrix products sized
-to take `--step_ms` (default: the measured paper step at batch 128 on an H100, the per-chip step
-of a global batch of 1024 on 8 chips). Prints one JSON line: the step time without coupling, with
-it, the difference (what the coupling costs the loop) and the host time spent waiting for solves.
+a batch too large to train in one step on this one device. Each step's assignment is the real
+cost function of `train.make_coupling_cost` on batches of the paper's 32x32x4 latents, solved by
+scipy on the host. It is solved while the device runs a stand-in step: a chain of bf16 matrix
+products sized to take `--step_ms`. The default is the measured paper step at batch 128 on an
+H100, the per-chip step of a global batch of 1024 on 8 chips.
+
+Prints one JSON line: the step time without coupling, with it, the difference (what the coupling
+costs the loop) and the host time spent waiting for solves.
 """
 
 import json

@@ -1,16 +1,21 @@
 """Device-time breakdown of a `jax.profiler` trace: `python -m benchmarks.profile_summary TRACE`.
 
 Reads the XSpace file (`*.xplane.pb`, plain or gzipped) with `jax.profiler.ProfileData` (no
-TensorFlow or TensorBoard needed), takes the kernel events of the accelerator planes
-(`/device:GPU:N` or `/device:TPU:N`; the host's XLA op events when there are none, as on CPU) and
-sums their durations by kind of work (convolution, attention, matrix product, reduction fusion,
-elementwise fusion, copy/transpose, other) and by kernel. Busy time is the union of the kernel
-intervals, so busy / window says how much of the traced window the device had work (the rest is
-launch gaps and host waits). With the optimized HLO text (`--hlo`, as `train_step.py
---dump_dir` keeps it) each kernel is also attributed to a layer kind of the network through the
-`op_name` metadata of its HLO instruction (convolution layers, norms, attention core, SiLU, skip
-concatenations; instructions without an op_name, i.e. the optimizer/EMA update fusions and state
-copies, are counted apart). Prints one JSON line.
+TensorFlow or TensorBoard needed). It takes the kernel events of the accelerator planes
+(`/device:GPU:N` or `/device:TPU:N`; the host's XLA op events when there are none, as on CPU).
+It sums their durations by kind of work (convolution, attention, matrix product, reduction
+fusion, elementwise fusion, copy/transpose, other) and by kernel.
+
+Busy time is the union of the kernel intervals, so busy / window says how much of the traced
+window the device had work. The rest is launch gaps and host waits.
+
+With the optimized HLO text (`--hlo`, as `train_step.py --dump_dir` keeps it), each kernel is also
+attributed to a layer kind of the network through the `op_name` metadata of its HLO instruction:
+convolution layers, norms, attention core, SiLU, skip concatenations. Instructions without an
+op_name (the optimizer/EMA update fusions and state copies) are counted apart.
+
+Prints one JSON line.
+
   python -m benchmarks.profile_summary TRACE.xplane.pb[.gz] STEPS [HLO.txt[.gz]]
 """
 

@@ -1,13 +1,18 @@
 """The paper network and its train step in PyTorch, to time the same work on the same CPU.
 
-Not the authors' code (it is not reachable offline): a PyTorch re-implementation, written here, of
-lct_jax's DhariwalUNet (`lct_jax/core/models`) and of one consistency-training step as
-`lct_jax/core/train.py` runs it: exact OT coupling of the batch (scipy), a teacher forward without
-gradient at sigma_{i+1}, the student's forward and backward at sigma_i, the Cauchy CT loss plus the
-early-timestep diffusion loss, RAdam with coupled weight decay, and the EMA. The CPU target of
-issue 6 (the authors' PyTorch step, ~4.5 s at batch 8) is then measured here, in the same run as the
-JAX step (`benchmarks/cpu_flags.py --torch_step`). tests/test_torch_reference.py checks that this
-network and loss give the Flax network's outputs and gradients for the same weights.
+Not the authors' code (it is not reachable offline): a PyTorch re-implementation of lct_jax's
+DhariwalUNet (`lct_jax/core/models`) and of one consistency-training step as
+`lct_jax/core/train.py` runs it:
+
+* exact OT coupling of the batch (scipy);
+* a teacher forward without gradient at sigma_{i+1};
+* the student's forward and backward at sigma_i;
+* the Cauchy CT loss plus the early-timestep diffusion loss;
+* RAdam with coupled weight decay, and the EMA.
+
+It is the PyTorch baseline for the CPU step, timed in the same run as the JAX step
+(`benchmarks/cpu_flags.py --torch_step`). tests/test_torch_reference.py checks that this network
+and loss give the Flax network's outputs and gradients for the same weights.
 
 Tensors are NCHW (run in channels_last memory); `load_flax_params` copies a Flax parameter tree in.
 """

@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import profile_summary
-from lct_jax import config_lib
+from lct_jax import config_lib, schema
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.io import coupling
 
@@ -44,7 +44,6 @@ _DUMP = flags.DEFINE_string(
   "dump_dir", None, "With --profile_steps: keep the gzipped trace and optimized HLO here."
 )
 _ATTN = flags.DEFINE_string("attention", None, "Override model.attention.")
-_LAYOUT = flags.DEFINE_string("kernel_layout", None, "Override model.kernel_layout.")
 _IN_STEP = flags.DEFINE_bool(
   "ot_in_step",
   False,
@@ -67,11 +66,11 @@ class _SameBatch:
 def step_flops(lowered) -> float | None:
   """FLOPs of one step from XLA's cost analysis of the lowered (pre-optimization) HLO.
 
-  The lowered program is the same on every backend; the compiled GPU program's own analysis
-  misses the convolutions that became cuDNN custom calls (an H200 run reported 0.32 TFLOP for a
-  step whose lowered HLO has 13.3), so it cannot be the MFU numerator. Backends behind a PJRT
-  plugin (jax's CUDA plugin since 0.11) do not implement the lowered analysis: the same HLO module
-  is then analysed by the CPU client's HloCostAnalysis (equal to the primary path on CPU).
+  The lowered program is the same on every backend. The compiled GPU program's own analysis
+  misses the convolutions that became cuDNN custom calls, so it cannot be the MFU numerator.
+  Backends behind a PJRT plugin (jax's CUDA plugin among them) do not implement the lowered
+  analysis: the same HLO module is then analysed by the CPU client's HloCostAnalysis (equal to
+  the primary path on CPU).
   """
   try:
     cost = lowered.cost_analysis()
@@ -136,7 +135,7 @@ def run(
   """
   # The curriculum of the config's own batch size, whatever batch is timed (a batch larger than a
   # small config's dataset would otherwise leave no training steps).
-  config.train.total_steps = config_lib.total_steps(config)
+  config.train.total_steps = schema.total_steps(config)
   config.train.global_batch_size = batch_size
   mesh = mesh_lib.make_mesh(config.mesh.num_devices)
   trainer = config_lib.build_trainer(config, mesh)
@@ -188,7 +187,6 @@ def run(
   return {
     "benchmark": "train_step",
     "label": label,
-    "config": config.data.name,
     "batch_size": batch_size,
     "microbatches": config.train.microbatches,
     "dtype": config.model.dtype,
@@ -196,7 +194,6 @@ def run(
     "ot_host_ahead": batches is not None,
     "ot_solve_wait_s_per_step": solve_wait,
     "attention": config.model.get("attention"),
-    "kernel_layout": config.model.get("kernel_layout"),
     "devices": mesh.size,
     "device_kind": jax.devices()[0].device_kind,
     "backend": jax.default_backend(),
@@ -227,8 +224,6 @@ def main(argv):
     config.train.microbatches = _MICRO.value
   if _ATTN.value:
     config.model.attention = _ATTN.value
-  if _LAYOUT.value:
-    config.model.kernel_layout = _LAYOUT.value
   result = run(
     config,
     _BATCH.value,
@@ -239,6 +234,7 @@ def main(argv):
     _DUMP.value,
     _LABEL.value,
   )
+  result = {"config": config_flags.get_config_filename(flags.FLAGS["config"]), **result}
   sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -1,4 +1,4 @@
-"""The paper's ablation (method.md section 9 item 12) as presets, selected by a config string.
+"""The paper's ablation (docs/method.md section 9 item 12) as presets, selected by a config string.
 
 --config=configs/ablation.py:ROW          on CelebA-HQ (the paper's setting)
 --config=configs/ablation.py:BASE,ROW     on another base config: demo (the MNIST demo digits),

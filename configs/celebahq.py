@@ -9,7 +9,6 @@ from configs.encode import celebahq as encode
 
 def get_config():
   config = default.get_config()
-  config.data.name = "celebahq"
   config.data.dir = encode.get_config().output_dir  # where configs/encode/celebahq.py writes
   config.data.num_examples = 27_000
   config.train.global_batch_size = 128

@@ -1,4 +1,4 @@
-"""Every configuration key of lct_jax, with the paper's values (method.md section 10).
+"""Every configuration key of lct_jax, with the paper's values (docs/method.md section 10).
 
 Dataset files (ffhq.py, celebahq.py, ...) import `get_config` from here and override. Override on
 the command line with `--config.group.key=value`. The config is validated and converted into frozen
@@ -15,7 +15,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   # -- data -------------------------------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
-  data.name = "ffhq"
   data.dir = ""  # folder holding the encoding job's TFDS shards and latent_stats.json
   data.num_examples = 70_000  # training latents; with train.num_epochs gives the total steps K
   data.latent_shape = (32, 32, 4)  # H, W, C (NHWC everywhere in lct_jax)
@@ -24,14 +23,15 @@ def get_config() -> ml_collections.ConfigDict:
   data.use_flipped = False  # also train on the stored moments of h-flipped images
   data.encode_config = ""  # encode config to run when data.dir holds no finished dataset (demo)
   data.worker_count = 0  # grain worker processes (0: read in the training process)
-  # What a training row is: "sample", the frozen posterior draw the encode job stored (method.md
-  # §9.16, the paper's choice) | "mean", the posterior mean | "fresh", mean + std * eps each step.
+  # What a training row is: "sample", the frozen posterior draw the encode job stored
+  # (docs/method.md §9.16, the paper's choice) | "mean", the posterior mean | "fresh",
+  # mean + std * eps each step.
   data.latent = "sample"
-  # Standardize each "element" of the (H, W, C) latent (method.md §3.0, the paper's) or each
+  # Standardize each "element" of the (H, W, C) latent (docs/method.md §3.0, the paper's) or each
   # "channel" as a whole (for pixel-space data; see lct_jax.io.latents.NORMALIZATIONS).
   data.normalization = "element"
 
-  # -- model (EDM's DhariwalUNet, method.md section 4.1) --------------------------------------------
+  # -- model (EDM's DhariwalUNet, docs/method.md section 4.1) --------------------------------------
   config.model = model = ml_collections.ConfigDict()
   model.name = "dhariwal_unet"
   model.model_channels = 128
@@ -39,17 +39,15 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_blocks = 4
   model.attn_resolutions = (16, 8)
   model.dropout = 0.0
-  model.final_norm = "nsln"  # group | layer | nsln   (method.md section 3.6)
+  model.final_norm = "nsln"  # group | layer | nsln   (docs/method.md section 3.6)
   model.nsln_everywhere = False  # ablation: every GroupNorm becomes NsLN
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-  model.attention = (
-    "auto"  # auto (cuDNN flash attention on GPU in bf16/fp16, else xla) | xla | cudnn
-  )
-  # Storage order of the conv kernels' axes: HWIO | OHWI (cuDNN's filter layout) | IHWO (XLA:CPU's
-  # weight-gradient layout). Same network; a checkpoint restores only into the layout it was saved in.
-  model.kernel_layout = "HWIO"
+  # Attention: auto (cuDNN flash attention on a GPU in bf16/fp16, else xla) | xla | cudnn. On one
+  # H100 (paper network, bf16, batch 128) cuDNN takes the attention core from 9.7 to 4.9 ms per
+  # step and the peak memory from 9.0 to 7.0 GiB (benchmarks/NOTES.md, "Profile first").
+  model.attention = "auto"
 
-  # -- consistency training (method.md sections 2 and 3) ------------------------------------------
+  # -- consistency training (docs/method.md sections 2 and 3) --------------------------------------
   config.lct = lct = ml_collections.ConfigDict()
   lct.sigma_min = 0.002
   lct.sigma_max = 80.0
@@ -66,14 +64,14 @@ def get_config() -> ml_collections.ConfigDict:
   lct.diffusion_weight = 5.0  # 0 disables the early-timestep diffusion loss
   lct.diffusion_threshold = 0.75  # mask i >= floor(threshold * N)
 
-  # -- optimal-transport coupling of data and noise (method.md section 3.5) -----------------------
+  # -- optimal-transport coupling of data and noise (docs/method.md section 3.5) -------------------
   config.ot = ot = ml_collections.ConfigDict()
   ot.method = "exact"  # none | exact (scipy on host) | hungarian (optax, jittable) | sinkhorn
   ot.scope = "local"  # local: each device's batch (the paper) | global: the whole batch
   ot.sinkhorn_epsilon = 0.01  # relative to the standard deviation of the cost matrix
   ot.sinkhorn_iterations = 200
 
-  # -- optimizer and EMA (method.md section 5.1) --------------------------------------------------
+  # -- optimizer and EMA (docs/method.md section 5.1) ----------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 1e-4
   optim.warmup_steps = 0
@@ -110,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.num_samples = 50_000
   ev.batch_size = 256
   ev.seed = 42
-  ev.sigma_mid = (0.821,)  # intermediate sigmas for 2-step sampling (method.md section 6.2)
+  ev.sigma_mid = (0.821,)  # intermediate sigmas for 2-step sampling (docs/method.md section 6.2)
   # Reference statistics for FID: the .npz of `python -m lct_jax.tools.fid_stats` (required;
   # statistics made with other Inception weights or preprocessing are refused).
   ev.reference_stats = ""
@@ -141,7 +139,6 @@ def get_config() -> ml_collections.ConfigDict:
   ev.grid_samples = 64  # samples in the PNG grid of each result (0: no grid)
   ev.follow_poll_s = 30.0  # --follow: seconds between looks at the checkpoint folder
   ev.follow_timeout_s = 6 * 3600.0  # --follow: give up after this long without a new checkpoint
-  ev.pause_after_result_s = 0.0  # test hook: pause after each result JSON (kill tests)
 
   # -- device mesh --------------------------------------------------------------------------------
   config.mesh = mesh = ml_collections.ConfigDict()

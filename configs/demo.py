@@ -17,7 +17,6 @@ from lct_jax.io import encode_config
 
 def get_config():
   config = default.get_config()
-  config.data.name = "mnist_demo"
   config.data.dir = encode_config.default_output_dir("mnist_demo_32_gray2")
   config.data.encode_config = "configs/encode/demo.py"
   config.data.autoencoder = "gray:2"

@@ -15,7 +15,6 @@ from lct_jax.io import encode_config
 
 def get_config():
   config = demo.get_config()
-  config.data.name = "fashion_mnist"
   config.data.dir = encode.get_config().output_dir
   config.data.encode_config = "configs/encode/fashion_mnist.py"
   config.data.num_examples = 60_000

@@ -9,7 +9,6 @@ from configs.encode import ffhq as encode
 
 def get_config():
   config = default.get_config()
-  config.data.name = "ffhq"
   config.data.dir = encode.get_config().output_dir  # where configs/encode/ffhq.py writes
   config.data.num_examples = 70_000
   config.train.global_batch_size = 128

@@ -1,7 +1,8 @@
-"""iLCT baseline: iCT in latent space (method.md section 9 item 11), on FFHQ by default.
+"""iLCT baseline: iCT in latent space (docs/method.md section 9 item 11), on FFHQ by default.
 
-Pseudo-Huber with the constant mean-form c = 0.03456, no diffusion loss, no OT, GroupNorm final norm.
-Pick another dataset with --config.data.name / data.dir / data.num_examples / train.* overrides.
+Pseudo-Huber with the constant mean-form c = 0.03456, no diffusion loss, no OT, GroupNorm final
+norm.
+Pick another dataset with --config.data.dir / data.num_examples / train.* overrides.
 """
 
 from configs import ffhq

@@ -5,7 +5,6 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.data.name = "test"
   config.data.autoencoder = "pixel"
   config.data.num_examples = 64
   config.data.latent_shape = (8, 8, 2)

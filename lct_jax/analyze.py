@@ -1,16 +1,18 @@
 """Latent-outlier analysis (the paper's Fig. 1): `python -m lct_jax.analyze --config=...`.
 
-Owns the box-and-whisker statistics (quartiles, Tukey inner fences Q1 - 1.5 IQR / Q3 + 1.5 IQR,
-outer fences Q1 - 3 IQR / Q3 + 3 IQR, outlier counts and rates) of
+Computes box-and-whisker statistics: quartiles, Tukey inner fences (Q1 - 1.5 IQR, Q3 + 1.5 IQR),
+outer fences (Q1 - 3 IQR, Q3 + 3 IQR), outlier counts and outlier rates. They cover:
 
-* the values of a latent dataset and of the same images in pixel space (a second dataset encoded
-  from the same source with `--config.autoencoder=pixel`), both raw and normalized as training
-  sees them (method.md section 3.0), written as JSON and as a PNG plot;
+* the values of a latent dataset, raw and normalized as training sees them (docs/method.md §3.0);
+* the same images in pixel space, raw and normalized: a second dataset encoded from the same
+  source with `--config.autoencoder=pixel`;
 * the TD values f(x + sigma_i n, sigma_i) - f(x + sigma_{i+1} n, sigma_{i+1}) of a consistency
   function on the Karras grid of N points (`td_statistics`; the paper shows N = 21).
 
+The value statistics are written as JSON and as a PNG plot.
+
 With `checkpoint` set to a training workdir, f is the consistency function of that run's EMA
-parameters (newest checkpoint, or `checkpoint_step`), restored read-only, and the TD statistics of
+parameters (the newest checkpoint, or `checkpoint_step`), restored read-only. The TD statistics of
 the first `td_examples` analyzed latents go into the JSON under "td".
 """
 
@@ -114,7 +116,7 @@ def td_statistics(
     latents: normalized latents x (M, H, W, C).
     num_scales: N, points of the grid (N - 1 intervals).
     key: PRNG key for the noise.
-    sigma_min, sigma_max, rho: the grid (method.md section 1).
+    sigma_min, sigma_max, rho: the grid (docs/method.md §1).
     batch_size: examples per call of denoise_fn.
 
   Returns:

@@ -11,7 +11,7 @@ import json
 from absl import app, logging
 from ml_collections import config_flags
 
-from lct_jax.core import mesh as mesh_lib
+from lct_jax import jobs
 from lct_jax.io import encoding, job_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Encode config file.", lock_config=True)
@@ -22,13 +22,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   job_logging.set_up()
   config = _CONFIG.value
-  if config.distributed:
-    mesh_lib.initialize_distributed(
-      config.coordinator_address, config.num_processes, config.process_id, config.cpu_collectives
-    )
+  jobs.setup_job(config, "", "encode")
   summary = encoding.encode_dataset(config)
   logging.info(
-    "process %d: read %d images, skipped %d, wrote %d shards (%.1f MB serialized) in %.1f s (%.1f images/s)",
+    "process %d: read %d images, skipped %d, wrote %d shards (%.1f MB serialized) in %.1f s "
+    "(%.1f images/s)",
     summary["process"],
     summary["images_read"],
     summary["images_skipped"],

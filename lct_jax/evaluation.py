@@ -1,27 +1,30 @@
-"""The eval job's library call: `evaluate(config, workdir, follow=False)` (method.md sections 6, 7).
+"""The eval job's library call: `evaluate(config, workdir, follow=False)` (docs/method.md §6, §7).
 
-Owns running the evaluation of a training run: validating the eval.* keys, restoring the EMA
-params of a checkpoint (read-only, so it can follow a running training job), sampling exactly
-eval.num_samples images with 1 step and with 2 steps for each eval.sigma_mid, decoding them with
-the run's autoencoder to uint8, and choosing which (checkpoint, run) to score next. Scoring them
-(features, FID, precision/recall, the files in `workdir/eval/`) is `lct_jax.scoring`:
+- Restores the EMA params of a checkpoint, read-only, so it can follow a running training job.
+- Samples exactly eval.num_samples images with 1 step, and with 2 steps for each eval.sigma_mid
+  (one `sampling.SamplerSpec` each), and decodes them with the run's autoencoder to uint8.
+- Chooses which (checkpoint, sampler) to score next; `lct_jax.scoring` scores them (features,
+  FID, precision/recall) and writes the files in `workdir/eval/`:
 
-  step_00010000/nfe1.json, nfe2_sigma0.821.json   one result per (checkpoint, NFE, sigma_mid)
+  step_00010000/nfe1.json, nfe2_sigma0.821.json   one result per (checkpoint, sampler)
   step_00010000/nfe1_grid.png                     the first eval.grid_samples samples
   step_00010000/nfe1_samples/ or nfe1_samples.npz optional export (eval.export)
   events.out.tfevents...                          clu scalars at the checkpoint's step
-  summary.json                                    final and best-of-last-N FIDs per run
+  summary.json                                    final and best-of-last-N FIDs per sampler
 
-A result JSON is written atomically and last, so it is the done marker: a killed evaluation
-rerun (or `--follow` restarted) skips every (checkpoint, run) whose JSON exists; one made with
-other settings (scoring.SETTINGS_KEYS and the sampler's) is an error, never overwritten. After
-each checkpoint, summary.json is rewritten from the current results (method.md §9.10): per run and
-FID variant, the newest scored checkpoint's FID and the lowest FID among the last
-eval.best_of_last scored checkpoints, with their steps. Sample i draws its noise from
-fold_in(PRNGKey(eval.seed), i) and every stage is per-sample, so the image set does not depend on
-the device count, process count or batch size. Multi-host: each global batch of
-indices is sharded over all devices, every process handles the rows on its own devices; process 0
-decides which checkpoint comes next and writes the files.
+A result JSON is written atomically and last, so it is the done marker. A killed evaluation,
+rerun (or `--follow` restarted), skips every (checkpoint, sampler) whose JSON exists. A result
+made with other settings (scoring.SETTINGS_KEYS and the sampler's) is an error, never
+overwritten.
+
+After each checkpoint, summary.json is rewritten from the current results (docs/method.md
+§9.10): per sampler and FID variant, the newest scored checkpoint's FID and the lowest FID among
+the last eval.best_of_last scored checkpoints, with their steps.
+
+Sample i draws its noise from fold_in(PRNGKey(eval.seed), i) and every stage is per-sample, so
+the image set does not depend on the device count, process count or batch size. Multi-host: each
+global batch of indices is sharded over all devices, and every process handles the rows on its
+own devices; process 0 decides which checkpoint comes next and writes the files.
 """
 
 from __future__ import annotations
@@ -37,100 +40,15 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from lct_jax import config_lib, scoring
+from lct_jax import config_lib, jobs, schema, scoring
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.core import sampling, train
 from lct_jax.fid import npz_io
 from lct_jax.io import autoencoder as ae_lib
-from lct_jax.io import checkpoint, latents
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """One sampler: 1 + len(sigma_mids) network evaluations."""
-
-  sigma_mids: tuple[float, ...] = ()
-
-  @property
-  def nfe(self) -> int:
-    return 1 + len(self.sigma_mids)
-
-  @property
-  def name(self) -> str:
-    """ "nfe1", "nfe2_sigma0.821", ...: the result file's name."""
-    if not self.sigma_mids:
-      return "nfe1"
-    return f"nfe{self.nfe}_sigma" + "_".join(f"{s:g}" for s in self.sigma_mids)
-
-  def fields(self) -> dict[str, Any]:
-    """What a result records about the sampler."""
-    sigma_mid = self.sigma_mids[0] if self.sigma_mids else None
-    return dict(nfe=self.nfe, sigma_mid=sigma_mid, sigma_mids=list(self.sigma_mids))
+from lct_jax.io import checkpoint, latents, summaries
 
 
 SUMMARY_FILENAME = "summary.json"
-
-
-def runs_of(config: ml_collections.ConfigDict) -> list[Run]:
-  """1 step, then 2 steps for each intermediate sigma of eval.sigma_mid (a sweep)."""
-  return [Run()] + [Run((float(s),)) for s in config.eval.sigma_mid]
-
-
-def validate(
-  config: ml_collections.ConfigDict, num_devices: int, checks: config_lib.Checks | None = None
-) -> None:
-  """Raises ConfigError naming every eval.* key that cannot work (or adds them to `checks`)."""
-  own = checks is None
-  checks = config_lib.Checks() if own else checks
-  fail = checks.fail
-  ev = config.eval
-  if ev.num_samples < 2:
-    fail("eval.num_samples", ev.num_samples, "FID needs at least 2 samples")
-  if ev.batch_size < 1 or ev.batch_size % num_devices:
-    fail("eval.batch_size", ev.batch_size, f"must be a positive multiple of {num_devices} devices")
-  if ev.grid_samples < 0:
-    fail("eval.grid_samples", ev.grid_samples, "must be >= 0 (0: no grid)")
-  if ev.precision_recall and not 1 <= ev.pr_k < ev.num_samples:
-    fail("eval.pr_k", ev.pr_k, f"must lie in [1, eval.num_samples={ev.num_samples})")
-  if ev.best_of_last < 1:
-    fail("eval.best_of_last", ev.best_of_last, "must be >= 1 (the final checkpoint alone: 1)")
-  names = [run.name for run in runs_of(config)]
-  if len(set(names)) < len(names):  # one result file each: two would overwrite each other
-    fail(
-      "eval.sigma_mid",
-      tuple(ev.sigma_mid),
-      f"two values give the same result name ({', '.join(names[1:])}); give distinct values "
-      "(6 significant digits name the file)",
-    )
-  if ev.export not in scoring.EXPORTS:
-    fail("eval.export", ev.export, f"expected one of {scoring.EXPORTS}")
-  if ev.pr_features not in scoring.PR_FEATURES:
-    fail("eval.pr_features", ev.pr_features, f"expected one of {scoring.PR_FEATURES}")
-  if ev.precision_recall and ev.pr_features == "vgg16" and not ev.vgg16_weights:
-    fail(
-      "eval.vgg16_weights",
-      "",
-      "eval.pr_features='vgg16' needs converted VGG16 weights: python -m "
-      "lct_jax.tools.convert_vgg16 --input=vgg16.pt --output=vgg16.npz (NVIDIA's StyleGAN2-ADA "
-      "metrics vgg16.pt, or torchvision's vgg16-397923af.pth)",
-    )
-  if not ev.reference_stats:
-    fail(
-      "eval.reference_stats",
-      "",
-      "FID needs reference statistics; make them with python -m lct_jax.tools.fid_stats "
-      "--images=REAL_IMAGES (or --latents=DATA_DIR) --out=ref.npz [--features_out=ref_feat.npz]",
-    )
-  if ev.precision_recall and not ev.reference_features:
-    fail(
-      "eval.reference_features",
-      "",
-      "precision/recall needs real features (fid_stats --features_out=..., with "
-      "--pr_features=vgg16 --vgg16_weights=... for eval.pr_features='vgg16'); or set "
-      "eval.precision_recall=False",
-    )
-  if own:
-    checks.raise_any()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +70,7 @@ class ImageGenerator:
     self,
     model: Any,
     config: ml_collections.ConfigDict,
-    run: Run,
+    spec: sampling.SamplerSpec,
     ae: ae_lib.Autoencoder,
     latent_stats: latents.LatentStats,
     mesh: jax.sharding.Mesh,
@@ -162,7 +80,7 @@ class ImageGenerator:
     Args:
       model: the network (config_lib.build_model).
       config: the training config (noise constants, data.sigma_data, eval.seed).
-      run: which sampler.
+      spec: which sampler.
       ae: the run's autoencoder.
       latent_stats: the latent dataset's statistics (for denormalizing).
       mesh: device mesh; batches are split over its "data" axis.
@@ -173,7 +91,7 @@ class ImageGenerator:
       config_lib.noise_config(config),
       config_lib.example_shape(config),
       mesh,
-      run.sigma_mids,
+      spec.sigma_mids,
     )
     sigma_data = config.data.sigma_data
 
@@ -213,43 +131,40 @@ def generate_images(
 
 
 @dataclasses.dataclass
-class Sampling:
-  """The run's network, autoencoder and latent statistics; one ImageGenerator per sampler, built
-  on first use and kept for every later checkpoint (compiled once)."""
+class ImageGenerators:
+  """The run's network, autoencoder and latent statistics, and one ImageGenerator per sampler,
+  built on first use and kept for every later checkpoint (compiled once)."""
 
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   model: Any
   ae: ae_lib.Autoencoder
   latent_stats: latents.LatentStats
-  generators: dict[str, ImageGenerator] = dataclasses.field(default_factory=dict)
+  built: dict[str, ImageGenerator] = dataclasses.field(default_factory=dict)
 
-  def generator(self, run: Run) -> ImageGenerator:
-    if run.name not in self.generators:
-      self.generators[run.name] = ImageGenerator(
-        self.model, self.config, run, self.ae, self.latent_stats, self.mesh
+  def __getitem__(self, spec: sampling.SamplerSpec) -> ImageGenerator:
+    if spec.name not in self.built:
+      self.built[spec.name] = ImageGenerator(
+        self.model, self.config, spec, self.ae, self.latent_stats, self.mesh
       )
-    return self.generators[run.name]
+    return self.built[spec.name]
 
 
-def build_sampling(
-  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ae: ae_lib.Autoencoder
-) -> Sampling:
-  """Loads the latent statistics, checks them against the autoencoder, builds the network.
+def build_generators(
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  ae: ae_lib.Autoencoder,
+  latent_stats: latents.LatentStats,
+) -> ImageGenerators:
+  """Checks the latent statistics against the autoencoder and builds the network.
 
   Raises:
-    FileNotFoundError, latents.IncompatibleLatentsError: missing or mismatched latent statistics.
+    latents.IncompatibleLatentsError: statistics of another autoencoder or latent shape.
   """
-  data_dir = os.path.expanduser(config.data.dir)
-  latent_stats = latents.load_latent_stats(
-    data_dir, use_flipped=config.data.use_flipped,
-    latent=config.data.latent,
-    normalization=config.data.normalization,
-  )
   latents.check_compatible(
     latent_stats, autoencoder=ae, latent_shape=tuple(config.data.latent_shape)
   )
-  return Sampling(config, mesh, config_lib.build_model(config), ae, latent_stats)
+  return ImageGenerators(config, mesh, config_lib.build_model(config), ae, latent_stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,20 +188,20 @@ def abstract_ema(config: ml_collections.ConfigDict, model: Any, mesh: jax.shardi
 
 @dataclasses.dataclass
 class _Job:
-  """Everything the checkpoint loop needs: scorer, samplers, checkpoint reader, runs."""
+  """Everything the checkpoint loop needs: scorer, generators, checkpoint reader, samplers."""
 
   scorer: scoring.Scorer
-  samplers: Sampling
+  generators: ImageGenerators
   reader: checkpoint.CheckpointReader
   abstract: dict
-  runs: list[Run]
+  specs: list[sampling.SamplerSpec]
 
 
 def evaluate_step(job: _Job, step: int) -> list[dict[str, Any]]:
   """Scores every run of checkpoint `step` that has no result yet, rewrites the summary; returns
   all the checkpoint's results."""
   scorer, pid = job.scorer, jax.process_index()
-  done = [int(scorer.is_done(step, r.name, r.fields())) if pid == 0 else 0 for r in job.runs]
+  done = [int(scorer.is_done(step, r.name, r.fields())) if pid == 0 else 0 for r in job.specs]
   done = _broadcast(done)
   results: list[dict[str, Any]] = []
   if not all(done):
@@ -294,29 +209,27 @@ def evaluate_step(job: _Job, step: int) -> list[dict[str, Any]]:
     if int(restored["step"]) != step:
       raise ValueError(f"checkpoint {step} holds step {int(restored['step'])}")
     params = restored["ema_params"]
-  for run, d in zip(job.runs, done):
+  for run, d in zip(job.specs, done):
     path = scorer.result_path(step, run.name)
     if d:
       logging.info("step %d %s: already evaluated (%s)", step, run.name, path)
       results.append(scoring.load_result(path))
       continue
-    generator = job.samplers.generator(run)
+    generator = job.generators[run]
     generate = lambda indices, g=generator: g(params, indices)  # noqa: E731
     results.append(scorer.score(step, run.name, generate, run.fields()))
-    if scorer.config.eval.pause_after_result_s > 0:
-      time.sleep(scorer.config.eval.pause_after_result_s)
-  write_summary(scorer, job.runs)
+  write_summary(scorer, job.specs)
   return results
 
 
 def _pending(job: _Job, steps: list[int]) -> list[int]:
-  return [s for s in steps if not all(job.scorer.is_done(s, r.name, r.fields()) for r in job.runs)]
+  return [s for s in steps if not all(job.scorer.is_done(s, r.name, r.fields()) for r in job.specs)]
 
 
 def summarize(
   results: dict[str, dict[int, dict[str, Any]]], best_of_last: int
 ) -> dict[str, dict[str, Any]]:
-  """Checkpoint selection (method.md §9.10): the final checkpoint, and the best of the last N.
+  """Checkpoint selection (docs/method.md §9.10): the final checkpoint, and the best of the last N.
 
   Args:
     results: run name -> step -> result (as written to the JSON files).
@@ -345,7 +258,9 @@ def summarize(
   return out
 
 
-def write_summary(scorer: scoring.Scorer, runs: list[Run]) -> dict[str, Any] | None:
+def write_summary(
+  scorer: scoring.Scorer, runs: list[sampling.SamplerSpec]
+) -> dict[str, Any] | None:
   """Writes and logs workdir/eval/summary.json from the results made with the current settings
   (process 0; other processes return None).
 
@@ -358,7 +273,7 @@ def write_summary(scorer: scoring.Scorer, runs: list[Run]) -> dict[str, Any] | N
   results = {r.name: scorer.current_results(r.name, r.fields()) for r in runs}
   metrics = summarize(results, n)
   summary = dict(
-    best_of_last=n, training_final_step=config_lib.total_steps(scorer.config), metrics=metrics
+    best_of_last=n, training_final_step=schema.total_steps(scorer.config), metrics=metrics
   )
   path = os.path.join(scorer.workdir, "eval", SUMMARY_FILENAME)
   npz_io.save_json_atomic(path, summary)
@@ -384,7 +299,7 @@ def follow_run(job: _Job) -> list[dict[str, Any]]:
   without a new checkpoint.
   """
   ev, pid, reader = job.scorer.config.eval, jax.process_index(), job.reader
-  final = config_lib.total_steps(job.scorer.config)
+  final = schema.total_steps(job.scorer.config)
   results: list[dict[str, Any]] = []
   skipped: set[int] = set()
   last_progress = time.monotonic()
@@ -468,34 +383,22 @@ def evaluate(
     The result dicts (as written to the JSON files) of the checkpoints considered.
 
   Raises:
-    config_lib.ConfigError: an eval.* key that cannot work (named).
+    schema.ConfigError: a key that cannot work (named; jobs.setup_job).
     FileNotFoundError: no checkpoint (without `follow`), or a missing input file.
     TimeoutError: `follow` saw no new checkpoint for eval.follow_timeout_s.
   """
-  config_lib.check_workdir(workdir)
-  config_lib.check_local_path("config.data.dir", config.data.dir)
-  if mesh is None:
-    m = config.mesh
-    if m.distributed:
-      mesh_lib.initialize_distributed(
-        m.coordinator_address, m.num_processes, m.process_id, m.cpu_collectives
-      )
-    mesh = mesh_lib.make_mesh(m.num_devices)
-  checks = config_lib.Checks()
-  config_lib.validate(config, checks=checks)
-  validate(config, mesh.size, checks)
-  checks.raise_any()
+  setup = jobs.setup_job(config, workdir, "eval", mesh)
+  mesh = setup.mesh
   reader = checkpoint.CheckpointReader(workdir)
   if not follow and config.eval.checkpoint_step >= 0:  # a chosen step that does not exist: now
     checkpoint_to_score(config, reader)
   ae = ae_lib.load_autoencoder(config.data.autoencoder)
-  # lct_jax.io.summaries imports TensorFlow: only after the autoencoder (see scoring._summaries).
-  from lct_jax.io import summaries
-
-  summaries.check_workdir(workdir, config, True, config_lib.upgrade_saved_config)
+  summaries.check_workdir(workdir, config, True)
   scorer = scoring.build_scorer(config, workdir, mesh, ae)
-  samplers = build_sampling(config, mesh, ae)
-  job = _Job(scorer, samplers, reader, abstract_ema(config, samplers.model, mesh), runs_of(config))
+  generators = build_generators(config, mesh, ae, setup.latent_stats)
+  abstract = abstract_ema(config, generators.model, mesh)
+  specs = sampling.sweep(config.eval.sigma_mid)
+  job = _Job(scorer, generators, reader, abstract, specs)
   step = None if follow else checkpoint_to_score(config, reader)  # before the events file opens
   scorer.open_writer()
   try:

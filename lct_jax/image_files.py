@@ -1,6 +1,6 @@
 """The eval job's image files: the JPEG round trip of the paper's protocol and the sample export.
 
-Owns `jpeg_roundtrip` (PIL, quality 75, 4:2:0, what the paper's `Image.save("x.jpg")` did),
+Owns `jpeg_roundtrip` (PIL, quality 75, 4:2:0, what the paper's `Image.save("x.jpg")` does),
 `NpzStreamWriter` (uint8 samples streamed into an .npz in the guided-diffusion evaluator's `arr_0`
 layout, renamed when complete) and `SampleExporter` (eval.export: PNGs named by global sample
 index, or one .npz per process).
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-JPEG_QUALITY = 75  # PIL's default, what the paper's `Image.save("x.jpg")` used
+JPEG_QUALITY = 75  # PIL's default, what the paper's `Image.save("x.jpg")` uses
 
 
 def jpeg_roundtrip(
@@ -66,6 +66,10 @@ class NpzStreamWriter:
     self._zip.writestr("indices.npy", buf.getvalue())
     self._zip.close()
     os.replace(self._tmp, self.path)
+
+
+# eval.export: "" (nothing), "png" (one file per sample) or "npz" (one archive per process).
+EXPORTS = ("", "png", "npz")
 
 
 class SampleExporter:

@@ -1,17 +1,22 @@
-"""Scoring generated images for the eval job: features, FID, precision/recall and the outputs.
+"""Scores generated images for the eval job: features, FID, precision/recall and the outputs.
 
-Owns what turns a stream of generated uint8 images into a result (method.md section 7): the FID
-Inception features of every batch streamed into float64 sums (no sample set is ever held in
-memory; only the precision/recall features when that is on: Inception's 2048-d, or with
-eval.pr_features="vgg16" VGG16's 4096-d fc2 features, the paper's, computed in the same pass),
-optionally a JPEG-q75 round trip scored beside the lossless images (the paper's protocol), FID
-against eval.reference_stats, improved precision/recall against eval.reference_features (made by
-the same extractor and weights, or refused), and per result the files in
-`workdir/eval/step_XXXXXXXX/`: the JSON (written atomically and last: the done marker), a sample
-grid, clu scalars and the optional export (eval.export, lct_jax.image_files). It knows nothing
-of checkpoints or samplers: `lct_jax.evaluation` hands it an image function per (checkpoint, run).
-Multi-host: every process featurizes the rows on its own devices and the sums are merged with
-`stats.allgather_merge`; process 0 writes the files.
+It turns a stream of generated uint8 images into a result (docs/method.md section 7):
+
+- The FID Inception features of every batch stream into float64 sums; no sample set is held in
+  memory.
+- Only precision/recall keeps features (when it is on): Inception's 2048-d, or VGG16's 4096-d
+  fc2 features (the paper's) with eval.pr_features="vgg16", computed in the same pass.
+- eval.jpeg scores a JPEG-q75 round trip beside the lossless images (the paper's protocol).
+- FID is against eval.reference_stats, improved precision/recall against
+  eval.reference_features. A reference made by another extractor, other weights or other
+  preprocessing is refused.
+- Each result writes its files to `workdir/eval/step_XXXXXXXX/`: the JSON (atomically and last:
+  the done marker), a sample grid, clu scalars and the optional export (eval.export,
+  lct_jax.image_files).
+
+It knows nothing of checkpoints or samplers: `lct_jax.evaluation` hands it an image function per
+(checkpoint, run). On several hosts, every process featurizes the rows on its own devices and
+`stats.allgather_merge` merges the sums; process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -29,18 +34,18 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from clu import metric_writers
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from lct_jax import config_lib, image_files
+from lct_jax import image_files, schema
 from lct_jax.core import mesh as mesh_lib
-from lct_jax.fid import inception, inception_weights, npz_io, precision_recall, reference, stats, vgg
+from lct_jax.fid import inception, inception_weights, npz_io, precision_recall, reference, stats
+from lct_jax.fid import vgg
 from lct_jax.io import autoencoder as ae_lib
-from lct_jax.io import encode_config, image_sources, latents
+from lct_jax.io import encode_config, image_sources, latents, summaries
 
 FORMAT = "lct_jax/eval/v1"
-EXPORTS = ("", "png", "npz")
-PR_FEATURES = reference.PR_FEATURES  # ("inception", "vgg16")
 FID_KEYS = ("fid", "fid_jpeg_q75")  # a result's FIDs: of the PNG images and after JPEG q75
 # Result fields that must agree for an existing JSON to count as done for the current settings
 # (with the sampler's fields, `Run.fields`); a result that differs or lacks one is refused.
@@ -78,17 +83,6 @@ def load_result(path: str) -> dict[str, Any] | None:
     return None
   with open(path) as f:
     return json.load(f)
-
-
-def _summaries() -> Any:
-  """lct_jax.io.summaries, imported only after the autoencoder is loaded.
-
-  It imports clu and with it TensorFlow; with torch installed, diffusers (the VAE) imports torch
-  and triton, and triton segfaults when it is imported after TensorFlow (torch 2.14, TF 2.21).
-  """
-  from lct_jax.io import summaries
-
-  return summaries
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,12 +124,10 @@ class Scorer:
     return local_rows(fn(variables, images))
 
   def open_writer(self) -> None:
-    """Creates workdir/eval and its clu writer (TensorFlow: after the autoencoder, see
-    `_summaries`); the set-up calls it once every input has been loaded and checked."""
+    """Creates workdir/eval and its clu writer; the set-up calls it once every input has been
+    loaded and checked."""
     if jax.process_index() == 0:
       os.makedirs(os.path.join(self.workdir, "eval"), exist_ok=True)
-    from clu import metric_writers
-
     self.writer = metric_writers.create_default_writer(
       os.path.join(self.workdir, "eval"), just_logging=jax.process_index() > 0
     )
@@ -270,7 +262,6 @@ class Scorer:
     result["total_seconds"] = time.perf_counter() - t0
     if jax.process_index() == 0:
       if grid is not None:
-        summaries = _summaries()
         grid_path = os.path.join(self.out_dir(step), f"{name}_grid.png")
         summaries.save_png(grid_path, summaries.image_grid(grid))
       self.writer.write_scalars(step, scalars)
@@ -382,6 +373,171 @@ def ensure_reference(config: ml_collections.ConfigDict, weights: str | None) -> 
   multihost_utils.sync_global_devices("lct_jax reference statistics")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Networks:
+  """The feature networks and the weights files they come from."""
+
+  inception_path: str
+  fid_model: inception.FidInception
+  pr_model: vgg.Vgg16Features | None  # VGG16 for eval.pr_features="vgg16" precision/recall
+  vgg16_path: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _References:
+  """The reference statistics and, with precision/recall, the reference features, all checked."""
+
+  stats_path: str
+  statistics: stats.LoadedStats
+  features_path: str | None = None
+  features: np.ndarray | None = None
+  features_meta: stats.StatsMeta | None = None
+
+
+def _absolute(path: str | None) -> str | None:
+  """`path` with ~ expanded, made absolute; None for an empty one."""
+  return os.path.abspath(os.path.expanduser(path)) if path else None
+
+
+def _inception_weights(ev: ml_collections.ConfigDict) -> str:
+  """The FID Inception weights file: eval.inception_weights, which must exist, or the default
+  one, made the first time (no torch needed)."""
+  return _absolute(ev.inception_weights) or inception_weights.ensure_weights()
+
+
+def _load_networks(ev: ml_collections.ConfigDict, weights: str) -> _Networks:
+  """The FID Inception and, for eval.pr_features="vgg16" precision/recall, VGG16."""
+  fid_model = inception.load_inception(weights)
+  if not (ev.precision_recall and ev.pr_features == vgg.EXTRACTOR):
+    return _Networks(weights, fid_model, None, None)
+  vgg_path = _absolute(ev.vgg16_weights)
+  return _Networks(weights, fid_model, vgg.load_vgg16(vgg_path), vgg_path)
+
+
+def _sample_size(config: ml_collections.ConfigDict, ae: ae_lib.Autoencoder) -> str:
+  """The decoded samples' size, "HxW"."""
+  h, w = config.data.latent_shape[:2]
+  return f"{h * ae.downsample_factor}x{w * ae.downsample_factor}"
+
+
+def _existing_file(ev: ml_collections.ConfigDict, key: str) -> str:
+  """eval.<key> made absolute; FileNotFoundError when there is no such file."""
+  path = _absolute(ev[key])
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config.eval.{key}={ev[key]!r}: no such file")
+  return path
+
+
+def _load_reference_features(
+  config: ml_collections.ConfigDict, ours: stats.StatsMeta, sample_size: str
+) -> tuple[str, np.ndarray, stats.StatsMeta | None]:
+  """eval.reference_features, checked against the precision/recall network's provenance `ours`,
+  the samples' size and eval.pr_k.
+
+  Returns:
+    (absolute path, features, their provenance).
+  """
+  ev = config.eval
+  path = _existing_file(ev, "reference_features")
+  feats, meta = stats.load_features(path)
+  _check_reference_features(meta, ours, path)
+  _check_reference_size(meta, sample_size, "reference_features", path, config)
+  if len(feats) <= ev.pr_k:
+    raise schema.ConfigError(
+      f"config.eval.reference_features={path!r}: needs more than eval.pr_k={ev.pr_k} images"
+    )
+  return path, feats, meta
+
+
+def _load_references(
+  config: ml_collections.ConfigDict, nets: _Networks, sample_size: str
+) -> _References:
+  """Loads eval.reference_stats (and eval.reference_features) and checks them against the
+  networks and the samples' size."""
+  path = _existing_file(config.eval, "reference_stats")
+  loaded = stats.load_stats(path)
+  stats.check_compatible(loaded.meta, nets.fid_model.stats_meta())
+  _check_reference_size(loaded.meta, sample_size, "reference_stats", path, config)
+  if not config.eval.precision_recall:
+    return _References(path, loaded)
+  ours = (nets.pr_model or nets.fid_model).stats_meta()
+  return _References(path, loaded, *_load_reference_features(config, ours, sample_size))
+
+
+def _settings_provenance(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The result format, the run's folders and the eval settings."""
+  ev = config.eval
+  workdir = os.path.abspath(workdir)
+  return dict(
+    format=FORMAT,
+    workdir=workdir,
+    checkpoints=os.path.join(workdir, "checkpoints"),
+    num_samples=int(ev.num_samples),
+    seed=int(ev.seed),
+    batch_size=int(ev.batch_size),
+    jpeg=bool(ev.jpeg),
+    jpeg_quality=image_files.JPEG_QUALITY if ev.jpeg else None,
+    pr_k=int(ev.pr_k) if ev.precision_recall else None,
+    pr_features=str(ev.pr_features) if ev.precision_recall else None,
+  )
+
+
+def _network_provenance(nets: _Networks) -> dict[str, Any]:
+  """The feature networks' weights files, their hashes and preprocessing."""
+  pr_model = nets.pr_model
+  return dict(
+    inception_weights=nets.inception_path,
+    inception_weights_sha256=nets.fid_model.weights_sha256,
+    preprocessing=nets.fid_model.preprocessing,
+    vgg16_weights=nets.vgg16_path,
+    vgg16_weights_sha256=pr_model.weights_sha256 if pr_model else None,
+    vgg16_resize=pr_model.resize if pr_model else None,
+  )
+
+
+def _model_provenance(config: ml_collections.ConfigDict, ae: ae_lib.Autoencoder) -> dict[str, Any]:
+  """The autoencoder, the model's dtype and the latent data the model was trained on."""
+  latent_stats = _absolute(os.path.join(config.data.dir, latents.STATS_FILENAME))
+  return dict(
+    autoencoder=ae.identity,
+    autoencoder_weights_sha256=ae.weights_hash,
+    model_dtype=str(config.model.dtype),
+    data_latent=str(config.data.latent),
+    data_use_flipped=bool(config.data.use_flipped),
+    latent_stats=latent_stats,
+    # None for a scorer built without a latent dataset (the eval job loads it before this).
+    latent_stats_sha256=npz_io.file_digest(latent_stats) if os.path.isfile(latent_stats) else None,
+  )
+
+
+def _reference_provenance(refs: _References) -> dict[str, Any]:
+  """The reference files, their hashes and what they were made from."""
+  meta, feats = refs.statistics.meta, refs.features
+  return dict(
+    reference_stats=refs.stats_path,
+    reference_stats_sha256=npz_io.file_digest(refs.stats_path),
+    reference_num_images=meta.num_images,
+    reference_image_size=meta.image_size,
+    reference_source=meta.source,
+    reference_features=refs.features_path,
+    reference_features_sha256=npz_io.file_digest(refs.features_path)
+    if refs.features_path
+    else None,
+    reference_features_num_images=int(len(feats)) if feats is not None else None,
+    reference_features_image_size=refs.features_meta.image_size if refs.features_meta else None,
+  )
+
+
+def _device_provenance(mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """The processes and devices that score."""
+  return dict(
+    num_processes=jax.process_count(),
+    num_devices=mesh.size,
+    device_kind=jax.devices()[0].device_kind,
+    backend=jax.default_backend(),
+  )
+
+
 def build_scorer(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -391,10 +547,11 @@ def build_scorer(
   """Loads the networks and the references, checks them against each other, records provenance.
 
   Args:
-    config: the training config (validated by `evaluation.validate`).
+    config: the training config (checked by `schema.check_eval`).
     workdir: the run's folder (results go to workdir/eval).
     mesh: devices to score on.
-    ae: the run's autoencoder, for the provenance (load it before this call: see `_summaries`).
+    ae: the run's autoencoder: its identity and weights hash for the provenance, its
+      downsampling factor for the samples' size.
 
   Returns:
     The scorer; nothing is written until its `open_writer` (so a failing set-up leaves no files).
@@ -405,82 +562,20 @@ def build_scorer(
     stats.IncompatibleStatsError: reference statistics/features made by another extractor, other
       weights or preprocessing, or from images of another size than the samples.
     FileNotFoundError: a missing reference file.
+    schema.ConfigError: eval.reference_features holds no more than eval.pr_k images.
   """
-  ev = config.eval
-  absolute = lambda p: os.path.abspath(os.path.expanduser(p)) if p else None  # noqa: E731
-  # The default weights file is made the first time (no torch needed); a given one must exist.
-  weights = absolute(ev.inception_weights) or inception_weights.ensure_weights()
-  if ev.reference_images:
+  weights = _inception_weights(config.eval)
+  if config.eval.reference_images:
     ensure_reference(config, weights)
-  fid_model = inception.load_inception(weights)
-  pr_model, vgg_path = None, None
-  if ev.precision_recall and ev.pr_features == vgg.EXTRACTOR:
-    vgg_path = absolute(ev.vgg16_weights)
-    pr_model = vgg.load_vgg16(vgg_path)
-  ref_path = absolute(ev.reference_stats)
-  if not os.path.isfile(ref_path):
-    raise FileNotFoundError(f"config.eval.reference_stats={ev.reference_stats!r}: no such file")
-  reference = stats.load_stats(ref_path)
-  stats.check_compatible(reference.meta, fid_model.stats_meta())
-  h, w = config.data.latent_shape[:2]
-  sample_size = f"{h * ae.downsample_factor}x{w * ae.downsample_factor}"
-  _check_reference_size(reference.meta, sample_size, "reference_stats", ref_path, config)
-  feats, feats_path, feats_meta = None, None, None
-  if ev.precision_recall:
-    feats_path = absolute(ev.reference_features)
-    if not os.path.isfile(feats_path):
-      raise FileNotFoundError(
-        f"config.eval.reference_features={ev.reference_features!r}: no such file"
-      )
-    feats, feats_meta = stats.load_features(feats_path)
-    ours = (pr_model or fid_model).stats_meta()
-    _check_reference_features(feats_meta, ours, feats_path)
-    _check_reference_size(feats_meta, sample_size, "reference_features", feats_path, config)
-    if len(feats) <= ev.pr_k:
-      raise config_lib.ConfigError(
-        f"config.eval.reference_features={feats_path!r}: needs more than eval.pr_k={ev.pr_k} images"
-      )
-  devices = jax.devices()
-  latent_stats = absolute(os.path.join(config.data.dir, latents.STATS_FILENAME))
-  provenance = dict(
-    format=FORMAT,
-    workdir=os.path.abspath(workdir),
-    checkpoints=os.path.join(os.path.abspath(workdir), "checkpoints"),
-    num_samples=int(ev.num_samples),
-    seed=int(ev.seed),
-    batch_size=int(ev.batch_size),
-    jpeg=bool(ev.jpeg),
-    jpeg_quality=image_files.JPEG_QUALITY if ev.jpeg else None,
-    pr_k=int(ev.pr_k) if ev.precision_recall else None,
-    pr_features=str(ev.pr_features) if ev.precision_recall else None,
-    inception_weights=weights,
-    inception_weights_sha256=fid_model.weights_sha256,
-    preprocessing=fid_model.preprocessing,
-    vgg16_weights=vgg_path,
-    vgg16_weights_sha256=pr_model.weights_sha256 if pr_model else None,
-    vgg16_resize=pr_model.resize if pr_model else None,
-    autoencoder=ae.identity,
-    autoencoder_weights_sha256=ae.weights_hash,
-    model_dtype=str(config.model.dtype),
-    data_latent=str(config.data.latent),
-    data_use_flipped=bool(config.data.use_flipped),
-    latent_stats=latent_stats,
-    # None when missing: `evaluation.build_sampling` then refuses it, naming data.dir.
-    latent_stats_sha256=npz_io.file_digest(latent_stats)
-    if os.path.isfile(latent_stats)
-    else None,
-    reference_stats=ref_path,
-    reference_stats_sha256=npz_io.file_digest(ref_path),
-    reference_num_images=reference.meta.num_images,
-    reference_image_size=reference.meta.image_size,
-    reference_source=reference.meta.source,
-    reference_features=feats_path,
-    reference_features_sha256=npz_io.file_digest(feats_path) if feats_path else None,
-    reference_features_num_images=int(len(feats)) if feats is not None else None,
-    reference_features_image_size=feats_meta.image_size if feats_meta else None,
-    num_processes=jax.process_count(),
-    num_devices=mesh.size,
-    device_kind=devices[0].device_kind,
-    backend=jax.default_backend(),
+  nets = _load_networks(config.eval, weights)
+  refs = _load_references(config, nets, _sample_size(config, ae))
+  provenance = {
+    **_settings_provenance(config, workdir),
+    **_network_provenance(nets),
+    **_model_provenance(config, ae),
+    **_reference_provenance(refs),
+    **_device_provenance(mesh),
+  }
+  return Scorer(
+    config, workdir, mesh, nets.fid_model, nets.pr_model, refs.statistics, refs.features, provenance
   )
-  return Scorer(config, workdir, mesh, fid_model, pr_model, reference, feats, provenance)

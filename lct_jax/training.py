@@ -20,44 +20,15 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from lct_jax import config_lib, evaluation
+from lct_jax import config_lib, evaluation, jobs, schema
 from lct_jax.core import mesh as mesh_lib
 from lct_jax.core import sampling
 from lct_jax.io import autoencoder as ae_lib
-from lct_jax.io import (
-  checkpoint,
-  coupling,
-  encode_config,
-  encoding,
-  input_pipeline,
-  latent_dataset,
-  latents,
-  summaries,
-)
+from lct_jax.io import checkpoint, coupling, input_pipeline, latent_dataset, latents, summaries
 
 
 class NonFiniteLossError(FloatingPointError):
   """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-def ensure_dataset(config: ml_collections.ConfigDict) -> str:
-  """data.dir, encoded first with data.encode_config when it holds no finished dataset."""
-  data_dir = os.path.expanduser(config.data.dir)
-  if not data_dir:
-    raise ValueError("config.data.dir is empty: point it at the encode job's output folder")
-  if latent_dataset.is_complete(data_dir):
-    return data_dir
-  if not config.data.encode_config:
-    raise FileNotFoundError(
-      f"config.data.dir={data_dir!r} holds no finished latent dataset; create it with "
-      "python -m lct_jax.encode --config=configs/encode/<name>.py "
-      f"--config.output_dir={data_dir}"
-    )
-  encode_cfg = encode_config.load_config_file(config.data.encode_config, "data.encode_config")
-  encode_cfg.output_dir = data_dir
-  logging.info("Encoding %s into %s first.", config.data.encode_config, data_dir)
-  encoding.encode_dataset(encode_cfg)
-  return data_dir
 
 
 # Metrics logged as means over the steps since the last log (over its finite steps, as the
@@ -104,35 +75,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains (or resumes) the run in `workdir` up to the config's total steps.
 
   Raises:
-    config_lib.ConfigError, ValueError, FileNotFoundError: bad config, workdir or data; raised
-      before anything in the workdir is written.
+    schema.ConfigError, ValueError, FileNotFoundError: bad config, workdir or data
+      (jobs.setup_job); raised before anything in the workdir is written.
     NonFiniteLossError: after train.max_consecutive_nonfinite non-finite steps in a row.
   """
-  config_lib.check_workdir(workdir)
-  config_lib.check_local_path("config.data.dir", config.data.dir)
-  m = config.mesh
-  if m.distributed:
-    mesh_lib.initialize_distributed(
-      m.coordinator_address, m.num_processes, m.process_id, m.cpu_collectives
-    )
-  mesh = mesh_lib.make_mesh(m.num_devices)
-  checks = config_lib.Checks()
-  config_lib.validate(config, mesh.size, checks)
-  if config.eval.after_training:  # its keys fail now, not after the training
-    evaluation.validate(config, mesh.size, checks)
-  checks.raise_any()
-  trainer = config_lib.build_trainer(config, mesh)
-  total = config_lib.total_steps(config)
-
-  data_dir = ensure_dataset(config)
-  stats = latents.load_latent_stats(
-    data_dir, use_flipped=config.data.use_flipped,
-    latent=config.data.latent,
-    normalization=config.data.normalization,
-  )
+  setup = jobs.setup_job(config, workdir, "train")
+  mesh, data_dir, stats = setup.mesh, setup.data_dir, setup.latent_stats
   latents.check_compatible(
     stats, autoencoder=config.data.autoencoder, latent_shape=tuple(config.data.latent_shape)
   )
+  trainer = config_lib.build_trainer(config, mesh)
+  total = schema.total_steps(config)
   loader = input_pipeline.make_loader(
     data_dir,
     stats,
@@ -155,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   )
   try:
     latest = ckpt.latest_step()
-    summaries.check_workdir(workdir, config, latest is not None, config_lib.upgrade_saved_config)
+    summaries.check_workdir(workdir, config, latest is not None)
     summaries.write_config(workdir, config)
     writer = summaries.create_writer(workdir)
     writer.write_hparams({k: str(v) for k, v in summaries.flat_config(config).items()})
@@ -252,7 +205,8 @@ def _loop(
       scalars["img_per_s"] = (step - last_step) * config.train.global_batch_size / elapsed
       scalars["data_wait_s_per_step"] = (batches.wait_s - last_wait) / (step - last_step)
       scalars["data_wait_fraction"] = (batches.wait_s - last_wait) / elapsed
-      # Epochs in both units (method.md 9.8): over the training examples, flipped copies included
+      # Epochs in both units (docs/method.md 9.8): over the training examples, flipped copies
+      # included
       # (the unit of K), and over the distinct images.
       scalars["epoch"] = step * config.train.global_batch_size / epoch_examples
       scalars["epoch_images"] = scalars["epoch"] * (2 if config.data.use_flipped else 1)

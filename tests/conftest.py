@@ -9,8 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import sys  # noqa: E402
 
-# torch (installed for the FID reference checks) loads triton, whose native library segfaults in a
-# process that already holds TensorFlow; nothing here needs triton (see lct_jax/io/autoencoder.py).
+# Hide triton as lct_jax/io/autoencoder.py does: test_fid imports pytorch-fid, whose torchvision
+# imports torch._dynamo and with it triton, which segfaults in a process that holds TensorFlow.
 sys.modules.setdefault("triton", None)
 
 import jax  # noqa: E402

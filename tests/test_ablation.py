@@ -72,14 +72,11 @@ def _tiny(tmp_path, weights_path) -> list[str]:
   return [f"--config.{k}={th.flag_value(v)}" for k, v in values.items()]
 
 
-def _env():
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-
-
 def _sweep(out, rows, overrides):
   cmd = [sys.executable, "-m", "benchmarks.ablation", "--base=demo", f"--out={out}"]
   cmd += [f"--rows={rows}", "--extra_seeds=0", "--", *overrides]
-  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1200)
+  env = th.subprocess_env()
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   return proc.stdout
 
@@ -95,7 +92,7 @@ def test_sweep_resumes_a_killed_row_and_skips_finished_ones(tmp_path, weights_pa
   nsln = out / "nsln_seed0"
   cmd = [sys.executable, "-m", "lct_jax.main", "--config=configs/ablation.py:demo,nsln"]
   cmd += [f"--workdir={nsln}", "--config.seed=0", "--config.train.stop_after_steps=1", *overrides]
-  subprocess.run(cmd, cwd=REPO, env=_env(), check=True, capture_output=True)
+  subprocess.run(cmd, cwd=REPO, env=th.subprocess_env(), check=True, capture_output=True)
   assert not (nsln / runner.DONE).exists()
 
   second = _sweep(out, "ilct,nsln", overrides)

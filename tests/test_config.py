@@ -6,13 +6,12 @@ import os
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 from test_unet import count_dhariwal_params
 
 from configs import ablation, celebahq, default, ffhq, ilct, lsun_church
 from configs import test as test_config
-from lct_jax import config_lib
+from lct_jax import config_lib, schema
 from lct_jax.core import ot
 
 
@@ -25,7 +24,8 @@ from lct_jax.core import ot
     ("lct.c_schedule", "cosine", None),
     ("model.final_norm", "batch", None),
     ("model.attention", "flash", None),
-    ("model.kernel_layout", "OIHW", None),
+    ("model.name", "dit", None),
+    ("data.latent", "draw", None),
     ("lct.s1", 5, None),  # s1 < s0
     ("lct.c_constant", -0.01, None),
     ("train.global_batch_size", 100, 8),
@@ -51,8 +51,8 @@ def test_bad_values_name_their_key(key, value, num_devices):
   config = default.get_config()
   group, name = key.split(".")
   config[group][name] = value
-  with pytest.raises(config_lib.ConfigError) as err:
-    config_lib.validate(config, num_devices)
+  with pytest.raises(schema.ConfigError) as err:
+    schema.check_train(config, num_devices)
   first = str(err.value).splitlines()[0]  # a value can break a derived check too (more lines)
   assert first.startswith(f"config.{key}="), err.value
 
@@ -62,8 +62,8 @@ def test_every_problem_of_a_config_is_reported_at_once():
   config.lct.s0 = 0
   config.optim.learning_rate = -1.0
   config.ckpt.keep = 0
-  with pytest.raises(config_lib.ConfigError) as err:
-    config_lib.validate(config, 1)
+  with pytest.raises(schema.ConfigError) as err:
+    schema.check_train(config, 1)
   lines = str(err.value).splitlines()
   assert [line.split(":")[0] for line in lines] == [
     "config.lct.s0=0", "config.optim.learning_rate=-1.0", "config.ckpt.keep=0"
@@ -72,10 +72,10 @@ def test_every_problem_of_a_config_is_reported_at_once():
 
 def test_presets_validate_and_match_the_paper():
   for mod in (default, ffhq, celebahq, lsun_church, ilct, test_config):
-    config_lib.validate(mod.get_config(), 8)
-  assert config_lib.total_steps(ffhq.get_config()) == 546 * 1400
-  assert config_lib.total_steps(celebahq.get_config()) == 210 * 1400
-  assert config_lib.total_steps(lsun_church.get_config()) == 937 * 1800
+    schema.check_train(mod.get_config(), 8)
+  assert schema.total_steps(ffhq.get_config()) == 546 * 1400
+  assert schema.total_steps(celebahq.get_config()) == 210 * 1400
+  assert schema.total_steps(lsun_church.get_config()) == 937 * 1800
   base = ilct.get_config()
   assert (
     base.lct.loss,
@@ -90,9 +90,10 @@ def test_presets_validate_and_match_the_paper():
   "preset,images", [(ffhq, 70_000), (celebahq, 27_000), (lsun_church, 120_000)]
 )
 def test_dataset_presets_train_on_what_their_encode_configs_write(preset, images):
-  """method.md 5.2 / 9.7: FFHQ all 70,000, CelebA-HQ 27,000, LSUN Church 120,000 + their flips."""
+  """docs/method.md 5.2 / 9.7: FFHQ all 70,000, CelebA-HQ 27,000, LSUN Church 120,000 + flips."""
   config = preset.get_config()
-  encode = importlib.import_module(f"configs.encode.{config.data.name}").get_config()
+  name = preset.__name__.rsplit(".", 1)[1]
+  encode = importlib.import_module(f"configs.encode.{name}").get_config()
   assert config.data.dir == encode.output_dir
   assert config.data.use_flipped == encode.flip == (preset is lsun_church)
   assert encode.max_examples in (images, -1)  # -1: the whole source
@@ -120,15 +121,6 @@ def test_ablation_chain_adds_one_component_at_a_time():
 def test_ot_settings_round_trip():
   config = default.get_config()
   assert config_lib.ot_config(config) == ot.OTConfig("exact", "local", 0.01, 200)
-
-
-def test_config_json_of_a_run_from_before_model_attention_still_builds():
-  # analyze.py rebuilds the network from a workdir's config.json, which older runs wrote without
-  # model.attention: the default ("auto") applies, the same network as before the key existed.
-  saved = json.loads(test_config.get_config().to_json())
-  del saved["model"]["attention"], saved["model"]["kernel_layout"]
-  model = config_lib.build_model(ml_collections.ConfigDict(saved))
-  assert model.attention_impl == "auto" and model.kernel_layout == "HWIO"
 
 
 def run_tool(*args):
@@ -186,8 +178,8 @@ def test_mesh_num_devices_zero_is_refused_not_all_devices():
 
 def test_url_workdirs_and_data_dirs_are_refused_before_anything_is_written(tmp_path, monkeypatch):
   # os / open on "gs://b/run" write a local folder "gs:" (checkpoints lost with the host's disk).
-  from lct_jax import evaluation, training
-  from lct_jax.io import encode_config, encoding
+  from lct_jax import evaluation, jobs, training
+  from lct_jax.io import encode_config
 
   monkeypatch.chdir(tmp_path)
   config = test_config.get_config()
@@ -200,5 +192,5 @@ def test_url_workdirs_and_data_dirs_are_refused_before_anything_is_written(tmp_p
   enc = encode_config.get_base_config()
   enc.output_dir = "s3://b/latents"
   with pytest.raises(ValueError, match="config.output_dir=s3://b/latents: URLs"):
-    encoding.encode_dataset(enc)
+    jobs.setup_job(enc, "", "encode")
   assert os.listdir(tmp_path) == []

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import training_helpers as th
 
-from lct_jax import config_lib, evaluation, scoring
+from lct_jax import evaluation, schema, scoring
 from lct_jax.fid import inception, stats
 from lct_jax.io import encode_config, image_sources
 
@@ -69,13 +69,13 @@ def _run(workdir, overrides) -> subprocess.CompletedProcess:
 
 def test_demo_config_is_valid_and_scores_itself():
   config = th.load_config({}, th.DEMO_CONFIG)
-  config_lib.validate(config, 1)
-  evaluation.validate(config, 1)
+  schema.check_train(config, 1)
+  schema.check_eval(config, 1)
   assert config.eval.after_training and config.eval.num_samples == 1000
   encode = encode_config.load_config_file(config.data.encode_config, "data.encode_config")
   assert config.data.dir == encode.output_dir
   assert config.eval.reference_images == config.data.encode_config  # against its 5,000 digits
-  assert config_lib.total_steps(config) == config.train.total_steps > 0
+  assert schema.total_steps(config) == config.train.total_steps > 0
   assert os.path.dirname(config.eval.reference_stats) == os.path.join(encode_config.DATA_ROOT, "fid")
 
 

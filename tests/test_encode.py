@@ -15,15 +15,19 @@ import jax.numpy as jnp
 import localhost
 import numpy as np
 import pytest
+import training_helpers as th
 from PIL import Image
 from tiny_vae import save_tiny_vae
 
+from lct_jax import schema
 from lct_jax.io import autoencoder as ae_lib
 from lct_jax.io import encode_config, encoding, image_sources, input_pipeline
 from lct_jax.io import latent_dataset as ld
 from lct_jax.io import latents as latents_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAUSING = os.path.join(REPO, "tests", "pausing.py")
+PAUSE_SHARD = ("lct_jax.io.encoding:_encode_shard", "2")
 RES = 16
 
 
@@ -119,7 +123,7 @@ def _check_posterior_draws(folder, src):
 
 
 def _check_frozen_draws(examples, folder, src):
-  """method.md §9.16: each image's stored sample is ONE posterior draw mean + std * eps, eps ~
+  """docs/method.md §9.16: each image's stored sample is ONE posterior draw mean + std * eps, eps ~
   N(0, 1), independent across images and flips; data.latent="sample" (the default) trains on it,
   the same draw every epoch, normalized with the draws' own statistics."""
   eps = []
@@ -260,51 +264,6 @@ def test_normalize_matches_numpy_and_inverts(tmp_path):
     latents_lib.load_latent_stats(str(tmp_path), use_flipped=True)
 
 
-def test_dataset_from_before_frozen_draws_trains_on_means_only(tmp_path):
-  """A dataset encoded before the frozen posterior draw was stored (mean and std only): the
-  default data.latent="sample" is refused naming the key, before anything is read; "mean" and
-  "fresh" still train on it."""
-  import tensorflow_datasets as tfds
-
-  shape, n = (4, 4, 2), 6
-  rng = np.random.default_rng(0)
-  mean = rng.standard_normal((n, *shape)).astype(np.float32)
-  std = np.full((n, *shape), 0.1, np.float32)
-  tensor = lambda: tfds.features.Tensor(shape=shape, dtype=np.float32)  # noqa: E731
-  features = tfds.features.FeaturesDict(
-    dict(mean=tensor(), std=tensor(), label=np.int64, id=tfds.features.Text(), index=np.int64)
-  )
-  examples = [dict(mean=mean[i], std=std[i], label=-1, id=str(i), index=i) for i in range(n)]
-  folder = str(tmp_path / "old")
-  os.makedirs(folder)
-  nbytes = ld.write_shard(folder, 0, 1, features, examples, {"skipped": []})
-  ld.write_dataset_info(folder, features, [n], nbytes, {}, "old")
-  acc = latents_lib.MomentAccumulator(shape)
-  acc.update(mean.astype(np.float64))
-  common = dict(autoencoder="pixel", weights_hash="h", resolution=4, scale_factor=1.0)
-  stats = latents_lib.LatentStats(**acc.finalize(), includes_flipped=False, **common)
-  latents_lib.save_latent_stats(folder, {("mean", False): stats})
-  before = sorted(os.listdir(folder))
-
-  with pytest.raises(
-    ValueError,
-    match="data.latent='sample'.*re-encode it into a new or emptied output_dir.*or set data.latent=",
-  ):
-    latents_lib.load_latent_stats(folder, latent="sample")
-  with pytest.raises(ValueError, match="data.latent='sample'.*stores no frozen posterior draws"):
-    input_pipeline.make_loader(folder, stats, global_batch_size=3, seed=0, latent="sample")
-  with pytest.raises(ValueError, match="data.latent='draw'"):
-    input_pipeline.make_loader(folder, stats, global_batch_size=3, seed=0, latent="draw")
-  assert sorted(os.listdir(folder)) == before
-  for latent in ("mean", "fresh"):
-    got = latents_lib.load_latent_stats(folder, latent=latent)
-    np.testing.assert_allclose(got.mean, mean.astype(np.float64).mean(0), rtol=1e-12)
-  loader = input_pipeline.make_loader(folder, stats, global_batch_size=n, seed=0, latent="mean")
-  x = np.sort(np.asarray(loader[0]["x"], np.float64).reshape(n, -1), axis=0)
-  want = (mean.astype(np.float64) - stats.mean) / stats.std * 0.5
-  np.testing.assert_allclose(x, np.sort(want.reshape(n, -1), axis=0), rtol=1e-5, atol=1e-6)
-
-
 def test_sources_zip_demo_and_preprocessing(tmp_path):
   arrays = _make_images(tmp_path / "img", n_square=3)
   with zipfile.ZipFile(tmp_path / "img.zip", "w") as zf:
@@ -368,18 +327,9 @@ def test_images_smaller_than_the_resolution_are_counted_and_warned(tmp_path, mon
   assert line.startswith(f"2 of 13 images are smaller than resolution={RES}") and "dot.png" in line
 
 
-def _env(devices: int) -> dict:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
-def _cmd(path, out, autoencoder, *extra):
+def _cmd(path, out, autoencoder, *extra, run=(sys.executable, "-m")):
   return [
-    sys.executable,
-    "-m",
+    *run,
     "lct_jax.encode",
     f"--config={REPO}/configs/encode/folder.py",
     f"--config.path={path}",
@@ -403,8 +353,9 @@ def test_killed_job_resumes_to_same_dataset(vae, tmp_path):
   _make_images(tmp_path / "img")
   killed = tmp_path / "killed"
   proc = subprocess.Popen(
-    _cmd(tmp_path / "img", killed, vae_dir, "--config.sleep_after_shard=2"),
-    env=_env(8),
+    # A pause after each shard, so that the kill lands between two shards.
+    _cmd(tmp_path / "img", killed, vae_dir, run=(sys.executable, PAUSING, *PAUSE_SHARD)),
+    env=th.subprocess_env(8),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
   )
@@ -418,7 +369,10 @@ def test_killed_job_resumes_to_same_dataset(vae, tmp_path):
   with open(killed / f".tmp-1-{ld.shard_filename(5, 6)}", "wb") as f:
     f.write(b"partial")
   subprocess.run(
-    _cmd(tmp_path / "img", killed, vae_dir), env=_env(8), check=True, capture_output=True
+    _cmd(tmp_path / "img", killed, vae_dir),
+    env=th.subprocess_env(8),
+    check=True,
+    capture_output=True,
   )
   clean = tmp_path / "clean"
   encoding.encode_dataset(_config(tmp_path / "img", clean, vae_dir, shard_size=2))
@@ -446,7 +400,7 @@ def _two_processes(images, out, vae_dir, timeout=240):
         f"--config.process_id={i}",
         "--config.cpu_collectives=gloo",
       ),
-      env=_env(2),
+      env=th.subprocess_env(2),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
@@ -543,20 +497,30 @@ def test_16_bit_images_are_scaled_and_32_bit_ones_refused():
       image_sources.preprocess(Image.fromarray(v.reshape(4, 4).astype(dtype)), 4)
 
 
-def test_bad_resolution_or_seed_fails_before_anything_is_written(tmp_path):
-  _make_images(tmp_path / "img", n_square=2)
+def test_bad_encode_keys_are_reported_together_each_naming_its_key():
   for key, value in (
     ("resolution", 0),
     ("resolution", -8),
     ("seed", -1),
     ("seed", 2**32),
     ("batch_size", 0),
+    ("shard_size", 0),
+    ("num_workers", 0),
+    ("max_bad_fraction", 1.5),
+    ("source", "nope"),
+    ("output_dir", ""),
   ):
-    out = tmp_path / f"{key}{value}"
-    with pytest.raises(ValueError, match=f"config key: {key}"):
-      encoding.encode_dataset(_config(tmp_path / "img", out, "pixel", **{key: value}))
-    assert not out.exists()
-
+    c = _config("img", "out", "pixel", **{key: value})
+    with pytest.raises(schema.ConfigError, match=rf"^config\.{key}={value!r}: "):
+      schema.check_encode(c)
+  c = _config("img", "out", "pixel", resolution=0, seed=-1)
+  with pytest.raises(schema.ConfigError) as err:
+    schema.check_encode(c)
+  assert [line.split("=")[0] for line in str(err.value).splitlines()] == [
+    "config.resolution",
+    "config.seed",
+  ]
+  schema.check_encode(_config("img", "out", "pixel"))
 
 def test_resume_refuses_a_changed_listing(tmp_path):
   root = tmp_path / "img"
@@ -570,13 +534,6 @@ def test_resume_refuses_a_changed_listing(tmp_path):
   with pytest.raises(ValueError, match="listing: on disk"):
     encoding.encode_dataset(_config(root, out, "pixel"))
   assert len(_shard_files(out)) == 2 and not ld.is_complete(str(out))
-  # A fingerprint written before `listing` existed is not compared on it.
-  with open(out / encoding.CONFIG_FILENAME) as f:
-    doc = json.load(f)
-  del doc["listing"]
-  (out / encoding.CONFIG_FILENAME).write_text(json.dumps(doc))
-  encoding.encode_dataset(_config(root, out, "pixel"))
-  assert ld.is_complete(str(out))
 
 
 def test_tfds_source_checks_its_feature_keys(tmp_path):

@@ -126,7 +126,17 @@ CASES = {
     lambda tmp, data: [
       "--config=configs/encode/demo.py", "--config.source=nope", f"--config.output_dir={tmp / 'o'}"
     ],
-    ["config.source='nope'", "unknown source"],
+    ["config.source='nope'", "unknown value; expected one of folder, zip"],
+    1,
+  ),
+  "encode: bad resolution": (
+    "lct_jax.encode",
+    lambda tmp, data: [
+      "--config=configs/encode/demo.py",
+      "--config.resolution=0",
+      f"--config.output_dir={tmp / 'o'}",
+    ],
+    ["config.resolution=0: must be a positive integer"],
     1,
   ),
   "encode: missing image folder": (
@@ -206,7 +216,9 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_checkpoint_is_named_with_the_way_back(damage, tmp_path, data_dir, trained, cache):
+def test_a_damaged_checkpoint_is_named_with_the_way_back(
+  damage, tmp_path, data_dir, trained, cache
+):
   workdir = str(tmp_path / "w")
   shutil.copytree(trained, workdir)
   step_dir = os.path.join(workdir, "checkpoints", "2")

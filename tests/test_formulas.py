@@ -1,4 +1,6 @@
-"""Every formula of the core against an independent float64 numpy computation from method.md."""
+"""Every formula of the core against an independent float64 numpy computation.
+
+The references are written from docs/method.md; each section header below names its section."""
 
 import math
 
@@ -14,7 +16,7 @@ NOISE = karras.NoiseConfig()
 PAPER = curriculum.CurriculumConfig(total_steps=764_400)  # FFHQ: 546 * 1400
 
 
-# ---- independent float64 references written from method.md -------------------------------------
+# ---- independent float64 references written from docs/method.md --------------------------------
 def np_sigmas(n):
   i = np.arange(n, dtype=np.float64)
   return (80 ** (1 / 7) + i / (n - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
@@ -135,8 +137,8 @@ def test_interval_probabilities(n):
   logp = np.asarray(curriculum.interval_log_probs(jnp.asarray(n), PAPER), np.float64)
   assert logp.shape == (640,)
   assert np.all(np.isneginf(logp[n - 1 :]))
-  # float32 sigmas leave ~1e-4 relative at N = 641; erf differences in the low-noise tail (erf
-  # near -1) left 2.4e-4 there before they were taken as erfc differences.
+  # float32 sigmas leave ~1e-4 relative at N = 641. Plain erf differences in the low-noise tail
+  # (erf near -1) would leave 2.4e-4 there; the erfc differences stay within the tolerance.
   np.testing.assert_allclose(np.exp(logp[: n - 1]), np_interval_probs(n), rtol=1.5e-4, atol=0)
 
 
@@ -162,7 +164,7 @@ def np_losses(r2, c):
   )
 
 
-def np_loss_grads(r2, c):  # d/d r2, from method.md
+def np_loss_grads(r2, c):  # d/d r2, from docs/method.md §3.2
   return dict(
     cauchy=1 / (2 * c**2 + r2),
     pseudo_huber=1 / (2 * np.sqrt(r2 + c**2)),
@@ -201,7 +203,7 @@ def test_adaptive_c():
   ns = [11, 21, 41, 81, 161, 321, 641]
   got = [float(curriculum.scale_c(jnp.asarray(n), PAPER)) for n in ns]
   np.testing.assert_allclose(got, [np_c(n) for n in ns], rtol=1e-5)
-  # The table of method.md section 3.3.
+  # The table of docs/method.md §3.3.
   np.testing.assert_allclose(
     got, [0.034560, 0.013635, 0.006144, 0.002769, 0.001248, 0.000562, 0.000253], rtol=2e-3
   )

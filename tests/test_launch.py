@@ -164,7 +164,7 @@ def test_tpu_subcommand_help(fake, sub, words):
   assert sh(TPU, "--help", sub, env=fake.env).stdout == out
 
 
-# ---- tpu_pod.sh --dry-run -------------------------------------------------------------------------
+# ---- tpu_pod.sh --dry-run ------------------------------------------------------------------------
 
 
 def test_tpu_dry_run_create_and_delete(fake):
@@ -193,7 +193,7 @@ def test_tpu_dry_run_create_and_delete(fake):
 
 
 def test_tpu_dry_run_train_and_eval(fake):
-  overrides = ["--config.train.global_batch_size=512", "--config.data.name=two words"]
+  overrides = ["--config.train.global_batch_size=512", "--config.eval.reference_images=two words"]
   for sub, module in (("train", "lct_jax.main"), ("eval", "lct_jax.evaluate")):
     proc = sh(
       TPU,
@@ -219,7 +219,7 @@ def test_tpu_dry_run_train_and_eval(fake):
       "--config=configs/ffhq.py",
       "--workdir=/mnt/shared/ffhq",
       overrides[0],
-      '"--config.data.name=two words"',
+      '"--config.eval.reference_images=two words"',
       "LIBTPU_INIT_ARGS=--xla_x=1",
       "--config.mesh.distributed=True",
       "nohup ",
@@ -324,7 +324,7 @@ def test_tpu_bad_arguments(fake, args, message):
   assert fake.calls() == []
 
 
-# ---- tpu_pod.sh for real, against the fake gcloud -------------------------------------------------
+# ---- tpu_pod.sh for real, against the fake gcloud ------------------------------------------------
 
 
 def test_tpu_real_runs_call_gcloud(fake):
@@ -540,7 +540,7 @@ def test_tpu_setup_ships_a_git_archive(fake, tmp_path):
     assert tar.extractfile("train.py").read() == b"print('v1')\n"
 
 
-# ---- gpu_local.sh ---------------------------------------------------------------------------------
+# ---- gpu_local.sh --------------------------------------------------------------------------------
 
 
 def test_gpu_local_dry_run_and_run(fake, tmp_path):
@@ -608,7 +608,7 @@ def test_gpu_local_bad_arguments(fake, args, message):
   assert proc.returncode == 2 and message in proc.stderr and proc.stdout == "", proc
 
 
-# ---- SLURM ----------------------------------------------------------------------------------------
+# ---- SLURM ---------------------------------------------------------------------------------------
 
 
 def test_sbatch_header():
@@ -750,7 +750,7 @@ def test_sbatch_script_bad_arguments(fake, args, env, message):
   assert fake.calls() == []
 
 
-# ---- all scripts ----------------------------------------------------------------------------------
+# ---- all scripts ---------------------------------------------------------------------------------
 
 
 def test_scripts_are_strict_and_never_kill_by_name():

@@ -1,8 +1,8 @@
 """The PyTorch re-implementation in benchmarks/torch_unet.py computes what lct_jax computes.
 
-It times the CPU target's PyTorch side (benchmarks/cpu_flags.py --torch_step), so it must be the
-same network and loss: with the same (random, non-trivial) weights, its float64 outputs, losses and
-gradients must match the Flax network's. Needs torch (requirements-torch.txt).
+It is the PyTorch side of the CPU comparison (benchmarks/cpu_flags.py --torch_step), so it must
+be the same network and loss: with the same (random, non-trivial) weights, its float64 outputs,
+losses and gradients must match the Flax network's. Needs torch (requirements-torch.txt).
 """
 
 import math
@@ -141,9 +141,11 @@ def test_load_rejects_a_foreign_tree():
 
 @pytest.mark.parametrize("scale", [1.0, 1e-7])
 def test_optimizer_matches_torch_radam(scale):
-  """lct_jax's optimizer (method.md §5.1) against torch.optim.RAdam itself, the authors' optimizer:
-  coupled weight decay, the rectification switching on at t = 6, eps = 1e-8 where torch puts it
-  (at gradients of 1e-7 it is not negligible)."""
+  """lct_jax's optimizer (docs/method.md §5.1) against torch.optim.RAdam, the authors' optimizer.
+
+  Covers coupled weight decay, the rectification switching on at t = 6, and eps = 1e-8 where torch
+  puts it (at gradients of 1e-7 it is not negligible).
+  """
   from lct_jax.core import train
 
   lr, wd = 1e-2, 0.1 * scale

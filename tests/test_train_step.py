@@ -1,4 +1,5 @@
-"""The sharded train step: compile-once across N, device-count invariance, learning, guards, optimizer."""
+"""The sharded train step: compile-once across N, device-count invariance, learning, guards,
+optimizer."""
 
 import functools
 import json
@@ -365,7 +366,8 @@ class _Affine(nn.Module):
 
 
 def np_step_loss(theta, theta_teacher, x, n, i, num_scales, c):
-  """method.md 3.7 in float64: L_CT + 5 L_diff for _Affine's parameters theta = (a, b..., e)."""
+  """docs/method.md 3.7 in float64: L_CT + 5 L_diff for _Affine's parameters theta = (a, b, ..., e).
+  """
   smin, smax, rho, sd = 0.002, 80.0, 7.0, 0.5
 
   def sigma(j):

@@ -1,15 +1,20 @@
 """Tests of the VGG16 precision/recall features: lct_jax.fid.vgg and lct_jax.tools.convert_vgg16.
 
-Neither real weights file can be downloaded here, so a VGG16 built in torch with torchvision's
-module layout and initialisation (configuration D: `features.N`, `avgpool`, `classifier.N`), random
-weights and random biases (so that a lost bias shows) stands in: saved as torchvision's state dict,
-and laid out as NVIDIA's StyleGAN2-ADA TorchScript vgg16.pt (a scripted module whose `layers` hold
-conv1..conv13, fc1..fc3 and LPIPS heads). The Flax network is compared with the torch one on the
-same normalised input, the two resizes with torch's interpolate and TensorFlow 1's
-resize_bilinear. Where torchvision imports (not beside the CPU torch of requirements-torch.txt),
-the stand-in is also checked against torchvision's own VGG16. VGG16 has 138M parameters and costs
-~15 GFLOP per 224x224 image, so the model is built and converted once per module and only two
-images go through it.
+The tests use neither real weights file. A stand-in takes their place: a VGG16 built in torch
+with torchvision's module layout and initialisation (configuration D: `features.N`, `avgpool`,
+`classifier.N`), random weights and random biases (so that a lost bias shows). It is saved two ways:
+
+* as torchvision's state dict;
+* laid out as NVIDIA's StyleGAN2-ADA TorchScript vgg16.pt (a scripted module whose `layers` hold
+  conv1..conv13, fc1..fc3 and LPIPS heads).
+
+The Flax network is compared with the torch one on the same normalised input, and the two resizes
+with torch's interpolate and TensorFlow 1's resize_bilinear. Where torchvision imports (not beside
+the CPU torch of requirements-torch.txt), the stand-in is also checked against torchvision's own
+VGG16.
+
+VGG16 has 138M parameters and costs ~15 GFLOP per 224x224 image, so the model is built and
+converted once per module and only two images go through it.
 """
 
 import hashlib

@@ -48,22 +48,28 @@ TINY_DEMO_RUN = {
 }
 
 
-def job_env(cache_dir: str, devices: int) -> dict[str, str]:
-  """Environment of one job process: `devices` fake CPU devices, the shared compilation cache."""
-  env = dict(os.environ)
-  env.update(
-    JAX_PLATFORMS="cpu",
-    # Optimization level 0 compiles the step in about half the time; every run of the session
-    # uses it, so results stay comparable bit for bit.
-    XLA_FLAGS=(
-      f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-    ),
-    JAX_COMPILATION_CACHE_DIR=cache_dir,
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-    TF_CPP_MIN_LOG_LEVEL="2",
-  )
+def subprocess_env(devices: int = 1, cache_dir: str = "", xla_flags: str = "") -> dict[str, str]:
+  """Environment of a job subprocess: CPU with `devices` fake devices, the repository on the path
+  (for `configs` and `benchmarks`), and optionally a persistent compilation cache."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip()
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  if cache_dir:
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=cache_dir,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
   return env
+
+
+def job_env(cache_dir: str, devices: int) -> dict[str, str]:
+  """Environment of one training job: `devices` fake CPU devices, the shared compilation cache.
+
+  Optimization level 0 compiles the step in about half the time; every training run of the
+  session uses it, so their results stay comparable bit for bit.
+  """
+  return subprocess_env(devices, cache_dir, "--xla_backend_optimization_level=0")
 
 
 def flag_value(value: Any) -> str:
@@ -73,9 +79,14 @@ def flag_value(value: Any) -> str:
   return str(value)
 
 
+def config_flags(overrides: dict[str, Any]) -> list[str]:
+  """--config.KEY=VALUE flags of `overrides`."""
+  return [f"--config.{k}={flag_value(v)}" for k, v in overrides.items()]
+
+
 def job_command(workdir: str, overrides: dict[str, Any], config_file: str = TEST_CONFIG):
   args = [sys.executable, "-m", "lct_jax.main", f"--config={config_file}", f"--workdir={workdir}"]
-  return args + [f"--config.{k}={flag_value(v)}" for k, v in overrides.items()]
+  return args + config_flags(overrides)
 
 
 class Job:

@@ -1,4 +1,4 @@
-"""Encode CelebA-HQ at 256x256 with stabilityai/sd-vae-ft-ema (method.md §3.0, §5.2, §9.7).
+"""Encode CelebA-HQ at 256x256 with stabilityai/sd-vae-ft-ema (docs/method.md §3.0, §5.2, §9.7).
 
 The authors' code trains on 27,000 CelebA-HQ latents (a hard-coded length; presumably a 27k/3k
 split of the 30,000 images): `max_examples = 27000` takes the first 27,000 images in sorted-id

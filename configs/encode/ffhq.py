@@ -1,4 +1,5 @@
-"""Encode FFHQ (70,000 faces) at 256x256 with stabilityai/sd-vae-ft-ema (method.md §3.0, §5.2).
+"""Encode FFHQ (70,000 faces) at 256x256 with stabilityai/sd-vae-ft-ema (docs/method.md §3.0,
+§5.2).
 
 FFHQ is not in the TFDS catalog: point `path` at a folder (or zip) of the images (the 1024x1024
 PNGs are resized to 256 here; a 256x256 copy is used as is). No flips (Table 1 trains on 70,000

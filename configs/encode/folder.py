@@ -2,8 +2,8 @@
 
 Keys (all in lct_jax/io/encode_config.py): source ("folder" or "zip"), path (required),
 labels_from_subdirs, max_examples, resolution (256: shorter side resize + centre crop),
-autoencoder (HF id, local VAE folder, "pixel", "pixel:F", "gray", "gray:F"), flip, output_dir, shard_size,
-batch_size, num_workers, max_bad_fraction, and the multi-host keys.
+autoencoder (HF id, local VAE folder, "pixel", "pixel:F", "gray", "gray:F"), flip, output_dir,
+shard_size, batch_size, num_workers, max_bad_fraction, and the multi-host keys.
 
   python -m lct_jax.encode --config=configs/encode/folder.py --config.path=/data/images \
       --config.output_dir=/data/latents/mine

@@ -1,7 +1,8 @@
 """Encode LSUN Church (outdoor) at 256x256 with stabilityai/sd-vae-ft-ema, with h-flipped copies.
 
-Paper (method.md §5.2, §9.8): 120,000 images plus their flipped copies = 240,000 training latents,
-so `flip = True` and `max_examples = 120000` (TFDS's train split has 126,227; set -1 for all).
+Paper (docs/method.md §5.2, §9.8): 120,000 images plus their flipped copies = 240,000 training
+latents, so `flip = True` and `max_examples = 120000` (TFDS's train split has 126,227; set -1
+for all).
 Source: TFDS `lsun/church_outdoor` (download it on a machine with network access with
 --config.tfds_download=True, or copy a prepared TFDS data_dir and set tfds_data_dir). LSUN images
 are not square: shorter side resized to 256, centre crop. Keys: see lct_jax/io/encode_config.py.

@@ -1,9 +1,14 @@
 """Curricula of consistency training, all traced functions of the training step.
 
-Owns (method.md sections 2.2, 2.3, 3.3, 3.4): the discretization curriculum N(k), the discretized
-lognormal sampler of the interval index i (fixed-size masked logits, so a change of N never
-recompiles), the adaptive scaling-c schedule c(N), and the early-timestep diffusion-loss mask and
-weight. `stage_table` lays the whole schedule out on the host for the `schedule` tool.
+Owns (docs/method.md §2.2, §2.3, §3.3, §3.4):
+
+* the discretization curriculum N(k);
+* the discretized lognormal sampler of the interval index i (fixed-size masked logits, so a change
+  of N never recompiles);
+* the adaptive scaling-c schedule c(N);
+* the early-timestep diffusion-loss mask and weight.
+
+`stage_table` lays the whole schedule out on the host for the `schedule` tool.
 """
 
 import dataclasses
@@ -101,10 +106,10 @@ def stage_table(cfg: CurriculumConfig) -> list[dict]:
   """The schedule a config trains with, one row per distinct N (host-side, for the tools).
 
   Returns:
-    A list of {"start_step", "end_step", "N", "c", "diff_sigma_max", "diff_fraction"}; end_step is
-    inclusive; the last row ends at total_steps - 1. diff_sigma_max is the largest student sigma that
-    receives the diffusion loss (0 when the loss is off) and diff_fraction the expected fraction of a
-    batch under it.
+    A list of {"start_step", "end_step", "N", "c", "diff_sigma_max", "diff_fraction"}. end_step
+    is inclusive; the last row ends at total_steps - 1. diff_sigma_max is the largest student sigma
+    that receives the diffusion loss (0 when the loss is off). diff_fraction is the expected
+    fraction of a batch under it.
   """
   rows = []
   step = 0

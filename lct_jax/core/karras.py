@@ -1,4 +1,6 @@
-"""The Karras/EDM noise grid and the consistency-function parameterization (method.md section 2.1).
+"""The Karras/EDM noise grid and the consistency-function parameterization.
+
+docs/method.md §1 defines the grid, §2.1 the parameterization.
 
 Owns: the sigma grid sigma_i (index 0 = sigma_max, descending), c_skip / c_out / c_in / c_noise and
 the consistency function f(x, sigma) = c_skip x + c_out F(c_in x, c_noise). Everything is a traced
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class NoiseConfig:
-  """Constants of the VE forward process x_sigma = x + sigma n (method.md section 1)."""
+  """Constants of the VE forward process x_sigma = x + sigma n (docs/method.md §1)."""
 
   sigma_min: float = 0.002
   sigma_max: float = 80.0

@@ -1,4 +1,4 @@
-"""Losses of the training step (method.md sections 2.4, 3.2, 3.4).
+"""Losses of the training step (docs/method.md §2.4, §3.2, §3.4).
 
 Owns: the robust metrics on the per-sample mean-form residual (Cauchy, pseudo-Huber,
 Geman-McClure, L2), the weighted consistency-training loss, and the early-timestep diffusion loss as
@@ -62,7 +62,10 @@ def consistency_terms(
   c: jax.Array,
   kind: str,
 ) -> jax.Array:
-  """Per-sample CT loss d(f(x_i), f^-(x_{i+1})) / (sigma_i - sigma_{i+1}); its batch mean is L_CT."""
+  """Per-sample CT loss d(f(x_i), f^-(x_{i+1})) / (sigma_i - sigma_{i+1}).
+
+  Its batch mean is L_CT.
+  """
   return robust_distance(mean_flat_sq(student, teacher), c, kind) / (sigma - sigma_next)
 
 

@@ -1,10 +1,11 @@
-"""One-step and multistep consistency sampling (method.md section 6).
+"""One-step and multistep consistency sampling (docs/method.md §6).
 
 Owns `make_sampler`: x = f(sigma_max z, sigma_max), then for each intermediate sigma s:
 x = f(x + sqrt(s^2 - sigma_min^2) z_s, s). Sample i draws all of its noise from fold_in(key, i), so
 a sample set does not depend on the device count or the batch size.
 """
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -75,3 +76,31 @@ def make_sampler(
     in_shardings=(mesh_lib.replicated(mesh), mesh_lib.replicated(mesh), data),
     out_shardings=data,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """One sampler of the eval job: 1 + len(sigma_mids) network evaluations."""
+
+  sigma_mids: tuple[float, ...] = ()
+
+  @property
+  def nfe(self) -> int:
+    return 1 + len(self.sigma_mids)
+
+  @property
+  def name(self) -> str:
+    """ "nfe1", "nfe2_sigma0.821", ...: the result file's name (6 significant digits)."""
+    if not self.sigma_mids:
+      return "nfe1"
+    return f"nfe{self.nfe}_sigma" + "_".join(f"{s:g}" for s in self.sigma_mids)
+
+  def fields(self) -> dict[str, Any]:
+    """What a result records about the sampler."""
+    sigma_mid = self.sigma_mids[0] if self.sigma_mids else None
+    return dict(nfe=self.nfe, sigma_mid=sigma_mid, sigma_mids=list(self.sigma_mids))
+
+
+def sweep(sigma_mids: Sequence[float]) -> list[SamplerSpec]:
+  """1 step, then 2 steps for each intermediate sigma (eval.sigma_mid)."""
+  return [SamplerSpec()] + [SamplerSpec((float(s),)) for s in sigma_mids]

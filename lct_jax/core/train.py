@@ -1,14 +1,15 @@
-"""Train state, optimizer and the pure, jitted, sharded consistency-training step (method.md 3.7).
+"""Train state, optimizer and the pure, jitted, sharded consistency-training step.
 
-Owns: `TrainState` (arrays only: step, params, ema_params, opt_state, key, nonfinite_steps), the
-RAdam optimizer with coupled weight decay, `create_train_state` (built with eval_shape, created
-directly into its sharding) and `make_train_step`. The model and optimizer are closed over, never
-stored in the state. All randomness of a step comes from fold_in(state.key, state.step).
+The step is the one of docs/method.md 3.7. Owns: `TrainState` (arrays only: step, params,
+ema_params, opt_state, key, nonfinite_steps), the RAdam optimizer with coupled weight decay,
+`create_train_state` (built with eval_shape, created directly into its sharding) and
+`make_train_step`. The model and optimizer are closed over, never stored in the state. All
+randomness of a step comes from fold_in(state.key, state.step).
 """
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -23,7 +24,10 @@ from lct_jax.core import mesh as mesh_lib
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """RAdam with coupled weight decay, optional warmup and clipping, and the EMA (method.md 5.1)."""
+  """RAdam with coupled weight decay, optional warmup and clipping, and the EMA.
+
+  See docs/method.md 5.1.
+  """
 
   learning_rate: float = 1e-4
   warmup_steps: int = 0
@@ -239,6 +243,221 @@ def make_coupling_cost(
   )
 
 
+class _StepInputs(NamedTuple):
+  """What a step draws before its loss, for the whole global batch."""
+
+  per_sample: dict  # x, noise (coupled), sigma, sigma_next, mask: (B, ...) each
+  dropout_key: jax.Array
+  num_scales: jax.Array
+  c: jax.Array
+  ct_scale: float  # weight of each consistency term: 1 / B
+  diff_scale: jax.Array  # weight of each masked diffusion term: 1 / (masked count, at least 1)
+
+
+def _step_inputs(
+  state: TrainState,
+  batch: dict,
+  cfg: curriculum.CurriculumConfig,
+  ot_cfg: ot.OTConfig,
+  mesh: Mesh,
+) -> _StepInputs:
+  """Draws the step's noise and couples it to the batch; samples intervals, sigmas and the mask.
+
+  A batch that carries `batch["ot_perm"]` (solved outside the step by `make_coupling_cost`) has
+  that coupling applied; otherwise the coupling is solved here.
+  """
+  data_sharding = mesh_lib.batch_sharding(mesh)
+  x = batch["x"].astype(jnp.float32)
+  batch_size = x.shape[0]
+  noise, (k_index, k_ot, k_dropout) = step_noise(state.key, state.step, x.shape, data_sharding)
+
+  n_scales = curriculum.num_scales(state.step, cfg)
+  c = curriculum.scale_c(n_scales, cfg)
+  if "ot_perm" in batch:  # solved outside the step (make_coupling_cost): only apply it
+    noise = ot.apply_permutation(noise, batch["ot_perm"], config=ot_cfg, mesh=mesh)
+  else:
+    noise = ot.couple(x, noise, k_ot, config=ot_cfg, mesh=mesh)
+  i = jax.lax.with_sharding_constraint(
+    curriculum.sample_intervals(k_index, n_scales, batch_size, cfg), data_sharding
+  )
+  sigma = karras.karras_sigma(i, n_scales, cfg.noise)
+  sigma_next = karras.karras_sigma(i + 1, n_scales, cfg.noise)
+  mask = curriculum.diffusion_mask(i, n_scales, cfg)
+  # The loss is a sum of per-sample terms over the global batch: CT terms / B plus the masked
+  # diffusion terms / (global count of masked samples). Microbatches then add up exactly.
+  return _StepInputs(
+    per_sample=dict(x=x, noise=noise, sigma=sigma, sigma_next=sigma_next, mask=mask),
+    dropout_key=k_dropout,
+    num_scales=n_scales,
+    c=c,
+    ct_scale=1.0 / batch_size,
+    diff_scale=1.0 / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0),
+  )
+
+
+def _denoiser(
+  model: nn.Module, params: Any, dropout_key: jax.Array, noise_cfg: karras.NoiseConfig
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The consistency function f(x, sigma) of `model` with `params`, in training mode."""
+
+  def net(x_in, labels):
+    return model.apply({"params": params}, x_in, labels, train=True, rngs={"dropout": dropout_key})
+
+  return lambda x, sigma: karras.consistency_fn(net, x, sigma, noise_cfg)
+
+
+def _make_micro_loss(
+  model: nn.Module, cfg: curriculum.CurriculumConfig, inputs: _StepInputs
+) -> Callable[[Any, dict], tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
+  """`micro_loss(params, mb) -> (loss, (ct, diff))`: the loss of the rows of one microbatch.
+
+  `mb` holds rows of `inputs.per_sample` and the microbatch's index `micro`. The terms carry the
+  global batch's weights, so the microbatches' losses add up to the global batch's loss. The
+  teacher is the same params under stop_gradient, with the student's dropout key.
+  """
+
+  def micro_loss(params, mb):
+    bcast = (mb["x"].shape[0],) + (1,) * (mb["x"].ndim - 1)
+    # Student and teacher share the dropout key (iCT); each microbatch gets its own.
+    f = _denoiser(model, params, jax.random.fold_in(inputs.dropout_key, mb["micro"]), cfg.noise)
+    x_next = mb["x"] + mb["sigma_next"].reshape(bcast) * mb["noise"]
+    teacher = jax.lax.stop_gradient(f(x_next, mb["sigma_next"]))
+    student = f(mb["x"] + mb["sigma"].reshape(bcast) * mb["noise"], mb["sigma"])
+    ct = inputs.ct_scale * jnp.sum(
+      losses.consistency_terms(
+        student, teacher, mb["sigma"], mb["sigma_next"], inputs.c, cfg.loss
+      )
+    )
+    diff = jnp.zeros((), jnp.float32)
+    if cfg.diffusion_weight > 0:
+      terms = losses.diffusion_terms(
+        student, mb["x"], curriculum.diffusion_weight(mb["sigma"], cfg)
+      )
+      diff = inputs.diff_scale * losses.masked_sum(terms, mb["mask"])
+    return ct + cfg.diffusion_weight * diff, (ct, diff)
+
+  return micro_loss
+
+
+def _accumulate_grads(
+  micro_loss: Callable, params: Any, per_sample: dict, microbatches: int
+) -> tuple[tuple[jax.Array, tuple[jax.Array, jax.Array]], Any]:
+  """`((loss, (ct, diff)), grads)` of `micro_loss`, summed over `microbatches` slices of the batch.
+
+  With one microbatch it is a single value_and_grad over the whole batch; with more, a scan adds
+  up the slices one after another.
+  """
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  if microbatches == 1:
+    return grad_fn(params, dict(per_sample, micro=0))
+  # Microbatch m takes rows m, m + M, m + 2M, ...: every device keeps contributing rows.
+  batch_size = per_sample["x"].shape[0]
+  split = jax.tree.map(
+    lambda v: jnp.swapaxes(
+      v.reshape(batch_size // microbatches, microbatches, *v.shape[1:]), 0, 1
+    ),
+    per_sample,
+  )
+  split["micro"] = jnp.arange(microbatches)
+
+  def accumulate(carry, mb):
+    (loss_m, aux_m), grads_m = grad_fn(params, mb)
+    return jax.tree.map(jnp.add, carry, ((loss_m, aux_m), grads_m)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  init = ((jnp.zeros(()), (jnp.zeros(()), jnp.zeros(()))), zeros)
+  totals, _ = jax.lax.scan(accumulate, init, split)
+  return totals
+
+
+def _guarded_update(
+  state: TrainState,
+  grads: Any,
+  loss: jax.Array,
+  grad_norm: jax.Array,
+  tx: optax.GradientTransformation,
+  ema_decay: float,
+  max_nonfinite_streak: int,
+) -> tuple[TrainState, jax.Array]:
+  """The next state: the optimizer and EMA update, applied only if the step is finite and live.
+
+  A step whose loss or gradient norm is not finite leaves params, EMA and optimizer state as they
+  are and advances the non-finite counters. Once `max_nonfinite_streak` (> 0) steps in a row were
+  skipped the run is halted: the step leaves the whole state as it is, counters and step included.
+
+  Returns:
+    The next state and `skipped`, a bool scalar: this step was live but not finite.
+  """
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  halted = (
+    state.nonfinite_streak >= max_nonfinite_streak
+    if max_nonfinite_streak > 0
+    else jnp.zeros((), bool)
+  )
+  live = ~halted
+
+  def update(params, ema_params, opt_state):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    ema_params = jax.tree.map(
+      lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params
+    )
+    return params, ema_params, opt_state
+
+  # A cond, not a select of new against old: with `where` every state buffer is read after its
+  # donated buffer is rewritten, so XLA copies the whole state each step (1,842 copies in the
+  # paper step).
+  params, ema, opt_state = jax.lax.cond(
+    finite & live,
+    update,
+    lambda *old: old,
+    state.params,
+    state.ema_params,
+    state.opt_state,
+  )
+  skipped = ~finite & live
+  new_state = state.replace(
+    step=state.step + live.astype(jnp.int32),
+    params=params,
+    ema_params=ema,
+    opt_state=opt_state,
+    nonfinite_steps=state.nonfinite_steps + skipped.astype(jnp.int32),
+    nonfinite_streak=jnp.where(
+      halted, state.nonfinite_streak, jnp.where(finite, 0, state.nonfinite_streak + 1)
+    ),
+    last_nonfinite_step=jnp.where(finite | halted, state.last_nonfinite_step, state.step),
+  )
+  return new_state, skipped
+
+
+def _step_metrics(
+  inputs: _StepInputs,
+  loss: jax.Array,
+  ct: jax.Array,
+  diff: jax.Array,
+  grad_norm: jax.Array,
+  skipped: jax.Array,
+  opt_state: optax.OptState,
+  lr_schedule: optax.Schedule,
+) -> dict:
+  """The step's metrics, as device arrays.
+
+  `learning_rate` is the rate this step's update uses: the schedule at the count in `opt_state`,
+  the optimizer state the step starts from.
+  """
+  return dict(
+    loss=loss,
+    ct_loss=ct,
+    diff_loss=diff,
+    num_scales=inputs.num_scales,
+    c=inputs.c,
+    learning_rate=lr_schedule(schedule_count(opt_state)),
+    grad_norm=grad_norm,
+    diff_fraction=jnp.mean(inputs.per_sample["mask"].astype(jnp.float32)),
+    nonfinite=skipped.astype(jnp.int32),
+  )
+
+
 def make_train_step(
   model: nn.Module,
   tx: optax.GradientTransformation,
@@ -258,141 +477,34 @@ def make_train_step(
 
   `batch["x"]` holds normalized latents (B, H, W, C), sharded along B over the "data" axis; an
   optional `batch["ot_perm"]` (B,) int32 is the noise's coupling solved outside the step (see
-  `make_coupling_cost`, `ot.apply_permutation`), which the step then applies instead of solving it. The
-  teacher is the same params under stop_gradient, with the student's dropout key. A step whose loss
-  or gradient is not finite leaves params, EMA and optimizer state unchanged and is counted in
-  `state.nonfinite_steps`; the step counter advances either way. Once `max_nonfinite_streak`
-  (> 0) steps in a row were skipped, the run is halted on the device: every later step leaves the
-  whole state as it is, so the host may notice at its next log or save step and still report the
-  streak exactly. Metrics stay on the device.
+  `make_coupling_cost`, `ot.apply_permutation`), which the step then applies instead of solving
+  it. The teacher is the same params under stop_gradient, with the student's dropout key. A step
+  whose loss or gradient is not finite leaves params, EMA and optimizer state unchanged and is
+  counted in `state.nonfinite_steps`; the step counter advances either way. Once
+  `max_nonfinite_streak` (> 0) steps in a row were skipped, the run is halted on the device: every
+  later step leaves the whole state as it is, so the host may notice at its next log or save step
+  and still report the streak exactly. Metrics stay on the device.
   """
-  data_sharding = mesh_lib.batch_sharding(mesh)
-
-  def denoiser(params, dropout_key):
-    def net(x_in, labels):
-      return model.apply(
-        {"params": params}, x_in, labels, train=True, rngs={"dropout": dropout_key}
-      )
-
-    return lambda x, sigma: karras.consistency_fn(net, x, sigma, cfg.noise)
 
   def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    x = batch["x"].astype(jnp.float32)
-    batch_size = x.shape[0]
-    noise, (k_index, k_ot, k_dropout) = step_noise(state.key, state.step, x.shape, data_sharding)
-
-    n_scales = curriculum.num_scales(state.step, cfg)
-    c = curriculum.scale_c(n_scales, cfg)
-    if "ot_perm" in batch:  # solved outside the step (make_coupling_cost): only apply it
-      noise = ot.apply_permutation(noise, batch["ot_perm"], config=ot_cfg, mesh=mesh)
-    else:
-      noise = ot.couple(x, noise, k_ot, config=ot_cfg, mesh=mesh)
-    i = jax.lax.with_sharding_constraint(
-      curriculum.sample_intervals(k_index, n_scales, batch_size, cfg), data_sharding
+    inputs = _step_inputs(state, batch, cfg, ot_cfg, mesh)
+    micro_loss = _make_micro_loss(model, cfg, inputs)
+    (loss, (ct, diff)), grads = _accumulate_grads(
+      micro_loss, state.params, inputs.per_sample, microbatches
     )
-    sigma = karras.karras_sigma(i, n_scales, cfg.noise)
-    sigma_next = karras.karras_sigma(i + 1, n_scales, cfg.noise)
-    mask = curriculum.diffusion_mask(i, n_scales, cfg)
-    # The loss is a sum of per-sample terms over the global batch: CT terms / B plus the masked
-    # diffusion terms / (global count of masked samples). Microbatches then add up exactly.
-    ct_scale = 1.0 / batch_size
-    diff_scale = 1.0 / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
-
-    def micro_loss(params, mb):
-      bcast = (mb["x"].shape[0],) + (1,) * (x.ndim - 1)
-      # Student and teacher share the dropout key (iCT); each microbatch gets its own.
-      f = denoiser(params, jax.random.fold_in(k_dropout, mb["micro"]))
-      x_next = mb["x"] + mb["sigma_next"].reshape(bcast) * mb["noise"]
-      teacher = jax.lax.stop_gradient(f(x_next, mb["sigma_next"]))
-      student = f(mb["x"] + mb["sigma"].reshape(bcast) * mb["noise"], mb["sigma"])
-      ct = ct_scale * jnp.sum(
-        losses.consistency_terms(student, teacher, mb["sigma"], mb["sigma_next"], c, cfg.loss)
-      )
-      diff = jnp.zeros((), jnp.float32)
-      if cfg.diffusion_weight > 0:
-        terms = losses.diffusion_terms(
-          student, mb["x"], curriculum.diffusion_weight(mb["sigma"], cfg)
-        )
-        diff = diff_scale * losses.masked_sum(terms, mb["mask"])
-      return ct + cfg.diffusion_weight * diff, (ct, diff)
-
-    per_sample = dict(x=x, noise=noise, sigma=sigma, sigma_next=sigma_next, mask=mask)
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    if microbatches == 1:
-      (loss, (ct, diff)), grads = grad_fn(state.params, dict(per_sample, micro=0))
-    else:
-      # Microbatch m takes rows m, m + M, m + 2M, ...: every device keeps contributing rows.
-      split = jax.tree.map(
-        lambda v: jnp.swapaxes(
-          v.reshape(batch_size // microbatches, microbatches, *v.shape[1:]), 0, 1
-        ),
-        per_sample,
-      )
-      split["micro"] = jnp.arange(microbatches)
-
-      def accumulate(carry, mb):
-        (loss_m, aux_m), grads_m = grad_fn(state.params, mb)
-        return jax.tree.map(jnp.add, carry, ((loss_m, aux_m), grads_m)), None
-
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      init = ((jnp.zeros(()), (jnp.zeros(()), jnp.zeros(()))), zeros)
-      ((loss, (ct, diff)), grads), _ = jax.lax.scan(accumulate, init, split)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    halted = (
-      state.nonfinite_streak >= max_nonfinite_streak
-      if max_nonfinite_streak > 0
-      else jnp.zeros((), bool)
+    new_state, skipped = _guarded_update(
+      state, grads, loss, grad_norm, tx, optim_cfg.ema_decay, max_nonfinite_streak
     )
-    live = ~halted
-
-    decay = optim_cfg.ema_decay
-
-    def update(params, ema_params, opt_state):
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
-      return params, ema_params, opt_state
-
-    # A non-finite step leaves the parameters, EMA and optimizer state as they were. A cond, not a
-    # select of new against old: with `where` every state buffer is read after its donated buffer
-    # is rewritten, so XLA copies the whole state each step (1,842 copies in the paper step).
-    params, ema, opt_state = jax.lax.cond(
-      finite & live,
-      update,
-      lambda *old: old,
-      state.params,
-      state.ema_params,
-      state.opt_state,
-    )
-    new_state = state.replace(
-      step=state.step + live.astype(jnp.int32),
-      params=params,
-      ema_params=ema,
-      opt_state=opt_state,
-      nonfinite_steps=state.nonfinite_steps + (~finite & live).astype(jnp.int32),
-      nonfinite_streak=jnp.where(
-        halted, state.nonfinite_streak, jnp.where(finite, 0, state.nonfinite_streak + 1)
-      ),
-      last_nonfinite_step=jnp.where(finite | halted, state.last_nonfinite_step, state.step),
-    )
-    metrics = dict(
-      loss=loss,
-      ct_loss=ct,
-      diff_loss=diff,
-      num_scales=n_scales,
-      c=c,
-      learning_rate=lr_schedule(schedule_count(state.opt_state)),
-      grad_norm=grad_norm,
-      diff_fraction=jnp.mean(mask.astype(jnp.float32)),
-      nonfinite=(~finite & live).astype(jnp.int32),
+    metrics = _step_metrics(
+      inputs, loss, ct, diff, grad_norm, skipped, state.opt_state, lr_schedule
     )
     return new_state, metrics
 
   replicated = mesh_lib.replicated(mesh)
   return jax.jit(
     step_fn,
-    in_shardings=(replicated, data_sharding),
+    in_shardings=(replicated, mesh_lib.batch_sharding(mesh)),
     out_shardings=(replicated, replicated),
     donate_argnums=0,
   )

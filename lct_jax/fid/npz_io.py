@@ -111,7 +111,10 @@ def read_npz(
 
 
 def load_float32_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """A weights .npz written by `save_npz_atomic`: its arrays as float32, and its meta ({} if none)."""
+  """A weights .npz written by `save_npz_atomic`: its arrays as float32, and its meta.
+
+  The meta is {} if the file has none.
+  """
   arrays, meta = read_npz(path)
   return {k: np.asarray(v, np.float32) for k, v in arrays.items()}, meta or {}
 

@@ -1,15 +1,16 @@
 """Improved precision and recall (Kynkäänniemi et al. 2019) on feature vectors, in JAX, chunked.
 
-Each set's manifold is the union of balls around its points whose radius is the distance to the
-point's k-th nearest neighbour within the set (k = 3 in the paper's protocol; the point itself is
-not counted: the radius is the (k+1)-th smallest distance including the zero to itself, as the
-StyleGAN2-ADA toolbox computes it). Precision is the fraction of generated points inside the real
-manifold; recall the fraction of real points inside the generated manifold. A point on a ball's
-boundary is inside.
+Each set's manifold is the union of balls around its points. A ball's radius is the distance to
+the point's k-th nearest neighbour within the set (k = 3 in the paper's protocol). The point
+itself is not counted: the radius is the (k+1)-th smallest distance including the zero to itself,
+as the StyleGAN2-ADA toolbox computes it.
 
-Distances are computed block by block (`row_batch` x `col_batch`, 10,000 x 10,000 by default as in
-the paper's toolbox), so 50k x 50k never materialises; each block is one jitted matmul (float32,
-highest precision) plus a running top-k or an any().
+Precision is the fraction of generated points inside the real manifold; recall the fraction of
+real points inside the generated manifold. A point on a ball's boundary is inside.
+
+Distances are computed block by block (`row_batch` x `col_batch`, 10,000 x 10,000 by default as
+in the paper's toolbox), so 50k x 50k never materialises. Each block is one jitted matmul
+(float32, highest precision) plus a running top-k or an any().
 """
 
 import functools

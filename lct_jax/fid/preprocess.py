@@ -1,9 +1,13 @@
 """pytorch-fid's input pipeline in JAX: uint8 NHWC RGB -> float32 299x299 in [-1, 1].
 
-`x / 255` (IEEE division, like torchvision's ToTensor), a bilinear resize to 299x299 equal to
-`torch.nn.functional.interpolate(mode="bilinear", align_corners=False)` without antialiasing (same
-taps and float32 weights as ATen; under jit on XLA:CPU the output is bit-identical to torch's CPU
-kernel, elsewhere within a few ulp), then `2x - 1`.
+The steps:
+
+1. `x / 255` (IEEE division, like torchvision's ToTensor);
+2. a bilinear resize to 299x299 equal to `torch.nn.functional.interpolate(mode="bilinear",
+   align_corners=False)` without antialiasing. It uses the same taps and float32 weights as ATen;
+   under jit on XLA:CPU the output is bit-identical to torch's CPU kernel, elsewhere within a few
+   ulp;
+3. `2x - 1`.
 """
 
 import jax

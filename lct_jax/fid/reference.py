@@ -1,11 +1,13 @@
 """Reference statistics of real images: streamed features, FID statistics and kept features.
 
-This module owns turning a stream of real uint8 images into what the eval job compares against:
-the FID Inception's float64 feature sums saved as statistics (`stats.save_stats`), and optionally
-every feature vector for precision/recall (`stats.save_features`): Inception's pool3 features, or
-VGG16's fc2 features (`vgg`) computed in the same pass. Batches are padded to a fixed size (one
-compile per image size) and split over the local devices. Progress (images done, img/s) is shown
-as the encode job shows it.
+This module turns a stream of real uint8 images into what the eval job compares against:
+
+* the FID Inception's float64 feature sums, saved as statistics (`stats.save_stats`);
+* optionally every feature vector for precision/recall (`stats.save_features`): Inception's pool3
+  features, or VGG16's fc2 features (`vgg`) computed in the same pass.
+
+Batches are padded to a fixed size (one compile per image size) and split over the local devices.
+Progress (images done, img/s) is shown as the encode job shows it.
 """
 
 from collections.abc import Iterable, Iterator

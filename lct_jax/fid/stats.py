@@ -1,13 +1,16 @@
 """Feature statistics for FID: streaming float64 sums, their files, and the Fréchet distance.
 
-`FeatureStats` keeps (count, Σf, Σffᵀ) in float64, so batches, hosts and resumed runs merge exactly
-by addition; mean and covariance (np.cov's unbiased N-1 form) are derived at the end. Statistics
-files are .npz archives with pytorch-fid's keys (`mu`, `sigma`, usable by pytorch-fid directly)
-plus the sums and a metadata record: the feature extractor, the content hash of its weights, the
-preprocessing, the image size and the number of images. `check_compatible` refuses to compare
-statistics made with a different extractor, weights or preprocessing. Feature files (every vector,
-for precision/recall: Inception's or VGG16's) carry the same record. `frechet_distance` follows pytorch-fid's numerics exactly
-(scipy sqrtm, the 1e-6 diagonal offset when the product is singular, the imaginary-part check).
+`FeatureStats` keeps (count, Σf, Σffᵀ) in float64, so batches, hosts and resumed runs merge
+exactly by addition. Mean and covariance (np.cov's unbiased N-1 form) are derived at the end.
+
+Statistics files are .npz archives with pytorch-fid's keys (`mu`, `sigma`, usable by pytorch-fid
+directly), plus the sums and a metadata record: the feature extractor, the content hash of its
+weights, the preprocessing, the image size and the number of images. `check_compatible` refuses
+to compare statistics made with a different extractor, weights or preprocessing. Feature files
+(every vector, for precision/recall: Inception's or VGG16's) carry the same record.
+
+`frechet_distance` follows pytorch-fid's numerics exactly: scipy sqrtm, the 1e-6 diagonal offset
+when the product is singular, the imaginary-part check.
 """
 
 import dataclasses
@@ -195,8 +198,8 @@ class StatsMeta:
     image_size: "HxW" of the images before the resize, or "mixed".
     num_images: number of images.
     source: free text: folder, dataset or run the images came from.
-    extractor: the network, "inception" or "vgg16" (files from before VGG16 lack the field and
-      were all made by Inception).
+    extractor: the network, "inception" or "vgg16" (a file without the field reads as
+      "inception").
   """
 
   weights_sha256: str

@@ -2,30 +2,38 @@
 
 This module owns parsing the files torch writes into {name: numpy array}:
 
-* TorchScript archives (`torch.jit.save`): the pickled module tree is walked and the tensors are
+* TorchScript archives (`torch.jit.save`). The pickled module tree is walked and the tensors are
   named as `torch.jit.load(path).state_dict()` names them ("net.layers.conv.weight"): per module
   its parameters, then its buffers, then its submodules, each in attribute order. Which attributes
   are parameters and buffers is read from the `__parameters__` / `__buffers__` lines of the
-  archive's `code/` files (read as text, never run); a class without them counts every tensor
+  archive's `code/` files (read as text, never run). A class without them counts every tensor
   attribute as a parameter.
 * `torch.save` files of (possibly nested) dicts of tensors, in the zip format (torch >= 1.6) and
-  in the legacy stream format: names are the dict keys, nested dicts joined with "." (a
-  checkpoint {"model": {"fc.weight": t}} gives "model.fc.weight"); values that are not tensors
+  in the legacy stream format. Names are the dict keys, nested dicts joined with "." (a
+  checkpoint {"model": {"fc.weight": t}} gives "model.fc.weight"). Values that are not tensors
   (epochs, strings, lists) are skipped. The tar format of torch < 0.1.10 is refused.
 
-Pickles are read by a restricted unpickler that resolves only the globals such files need (module
-classes of TorchScript archives as plain attribute holders, torch's tensor and parameter
-rebuilders, the storage types listed in `STORAGE_TYPES`, `collections.OrderedDict` and
-`torch.jit._pickle`'s list builders); any other global raises `ForbiddenGlobalError` before
-anything is called, so reading an untrusted file runs none of its code.
+Pickles are read by a restricted unpickler that resolves only the globals such files need:
+
+* module classes of TorchScript archives, as plain attribute holders;
+* torch's tensor and parameter rebuilders;
+* the storage types listed in `STORAGE_TYPES`;
+* `collections.OrderedDict` and `torch.jit._pickle`'s list builders.
+
+Any other global raises `ForbiddenGlobalError` before anything is called, so reading an untrusted
+file runs none of its code.
 
 Tensors honour their storage offset, size and stride (non-contiguous views and several tensors
-on one storage come out as torch gives them) and are returned in native byte order. A tensor laid
-out C-contiguously in its storage is a view of the storage's array, as in torch (tensors on one
-storage share memory); any other layout is copied out. Storages are read as little-endian, or
-big-endian where a zip archive's `byteorder` record says "big". bfloat16 tensors are returned as
-float32: every bfloat16 is a float32 with its low 16 bits zero, so the widening is exact. Every
-error is a `TorchFileError` whose message names the file.
+on one storage come out as torch gives them) and are returned in native byte order:
+
+* a tensor laid out C-contiguously in its storage is a view of the storage's array, as in torch
+  (tensors on one storage share memory); any other layout is copied out;
+* storages are read as little-endian, or big-endian where a zip archive's `byteorder` record says
+  "big";
+* bfloat16 tensors are returned as float32: every bfloat16 is a float32 with its low 16 bits
+  zero, so the widening is exact.
+
+Every error is a `TorchFileError` whose message names the file.
 """
 
 import dataclasses

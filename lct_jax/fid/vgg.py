@@ -1,12 +1,16 @@
 """The VGG16 feature network for improved precision/recall, in Flax: uint8 NHWC -> fc2 features.
 
-The paper's precision/recall (method.md section 7) is StyleGAN2-ADA's `pr50k3` metric on VGG16
+The paper's precision/recall (docs/method.md §7) is StyleGAN2-ADA's `pr50k3` metric on VGG16
 features: the 4096-d output of the second fully connected layer after its ReLU (the `feature`
-tensor of NVIDIA's `metrics/vgg16.pt`, before fc3). This module owns the network (13 3x3 convs
-with ReLU in 5 blocks, each closed by a 2x2 max pool; an adaptive average pool to 7x7, the
-identity at 224x224; the flatten in PyTorch's NCHW order; fc1 and fc2 with ReLU), its input
-pipeline, and loading the .npz that `python -m lct_jax.tools.convert_vgg16` writes. Torch is
-never imported here.
+tensor of NVIDIA's `metrics/vgg16.pt`, before fc3). This module owns:
+
+* the network: 13 3x3 convs with ReLU in 5 blocks, each closed by a 2x2 max pool; an adaptive
+  average pool to 7x7 (the identity at 224x224); the flatten in PyTorch's NCHW order; fc1 and
+  fc2 with ReLU;
+* its input pipeline;
+* loading the .npz that `python -m lct_jax.tools.convert_vgg16` writes.
+
+Torch is never imported here.
 
 Input pipeline: uint8 RGB -> bilinear resize to 224x224 (on the 0..255 values) -> x/255 ->
 (x - ImageNet mean) / ImageNet std, in float32; convs and matmuls at precision HIGHEST. The resize
@@ -17,12 +21,11 @@ mode is recorded with the weights by the converter:
 * "tf1" (NVIDIA's `vgg16.pt`): TF1's legacy `resize_bilinear(align_corners=False,
   half_pixel_centers=False)`, source coordinate = dst_index * in / out.
 
-Unverified: NVIDIA's vgg16.pt cannot be downloaded here, so this reading of it (a plain VGG16 fed
-through the "tf1" resize and the [0, 1] ImageNet normalisation, flattened in NCHW order) has not
-been compared with its TorchScript forward. It follows a third-party PyTorch port
-(a PyTorch re-implementation that loads vgg16.pt's tensors into a plain VGG16 and resizes
-like TF1); the network and both resizes are tested against torchvision, torch
-and TensorFlow.
+Unverified: this reading of NVIDIA's vgg16.pt is not compared with its TorchScript forward (the
+file is not part of the test setup). The reading is a plain VGG16 fed through the "tf1" resize
+and the [0, 1] ImageNet normalisation, flattened in NCHW order. It follows a third-party PyTorch
+port that loads vgg16.pt's tensors into a plain VGG16 and resizes like TF1. The network and both
+resizes are tested against torchvision, torch and TensorFlow.
 """
 
 import dataclasses

@@ -6,7 +6,7 @@ without torch), the weights hash that identifies them, and the two directions im
 latents. Everything is NHWC: images (B, H, W, 3) in [-1, 1], latents (B, H/f, W/f, C).
 
 Latents here are always in *raw* VAE scale (no 0.18215 factor). The dataset normalization of
-method.md section 3.0 lives in one place only, `lct_jax.io.latents`.
+docs/method.md section 3.0 lives in one place only, `lct_jax.io.latents`.
 """
 
 from __future__ import annotations
@@ -59,10 +59,9 @@ class AutoencoderLoadError(OSError):
 
 
 def _silence_diffusers() -> None:
-  # diffusers imports torch when it is installed (requirements-torch.txt, for the FID checks), and
-  # torch then loads triton, whose native library segfaults once TensorFlow (through clu or tfds)
-  # is in the process. lct_jax needs neither torch nor triton here: hide triton (an ImportError
-  # for torch, which then runs without it) unless something already imported it.
+  # diffusers imports torch._dynamo, which imports triton where it is installed (CUDA torch), and
+  # triton segfaults in a process that holds TensorFlow: hidden, TensorFlow and the VAE load in
+  # any order. lct_jax imports torch only here, through diffusers.
   sys.modules.setdefault("triton", None)
   import diffusers
 

@@ -13,7 +13,6 @@ writing.
 """
 
 import contextlib
-import glob
 import json
 import os
 import signal
@@ -25,9 +24,6 @@ import orbax.checkpoint as ocp
 # The data iterator's position (`get_state()`, the same JSON on every process), saved once by the
 # primary process, so a run resumes on any number of processes.
 DATA_ITEM = "data_position"
-# Checkpoints written before 2026-11-26 (second session) hold it in grain's handler instead: one
-# file per process, `data/process_{i}-of-{n}.json`, all equal; any of them serves.
-LEGACY_DATA_ITEM = "data"
 
 
 class CheckpointShapeError(ValueError):
@@ -144,8 +140,8 @@ def _key_names(path) -> tuple[str, ...]:
 def check_shapes(directory: str, step: int, abstract: Any) -> None:
   """Raises CheckpointShapeError naming the first array whose saved shape differs from `abstract`'s.
 
-  A model config other than the one the run was written with (channel counts, the conv kernels'
-  storage order `model.kernel_layout`) otherwise fails deep in orbax without naming the array.
+  A model config other than the one the run was written with (channel counts, levels) otherwise
+  fails deep in orbax without naming the array.
   Arrays absent from either side are left to orbax.
   """
   step_dir = os.path.join(directory, str(step))
@@ -158,7 +154,7 @@ def check_shapes(directory: str, step: int, abstract: Any) -> None:
       raise CheckpointShapeError(
         f"checkpoint {step_dir}: {'/'.join(name)} is {shapes[name]} there but {tuple(leaf.shape)} "
         "in this run's model; restore with the model config that wrote it (the run's "
-        "config.json; e.g. model.kernel_layout, model.model_channels)"
+        "config.json; e.g. model.model_channels, model.channel_mult)"
       )
 
 
@@ -169,12 +165,10 @@ def data_position(directory: str, step: int) -> dict[str, Any]:
     FileNotFoundError: the checkpoint holds none (naming the folder).
   """
   step_dir = os.path.join(directory, str(step))
-  paths = [os.path.join(step_dir, DATA_ITEM, "metadata")]
-  paths += sorted(glob.glob(os.path.join(step_dir, LEGACY_DATA_ITEM, "process_*-of-*.json")))
-  for path in paths:
-    if os.path.isfile(path):
-      with open(path) as f:
-        return json.load(f)
+  path = os.path.join(step_dir, DATA_ITEM, "metadata")
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
   raise FileNotFoundError(f"{step_dir} holds no data-iterator position ({DATA_ITEM}/metadata)")
 
 

@@ -22,19 +22,24 @@ class HostCoupledBatches:
   """Global batches carrying their exact OT coupling, solved on the host one step ahead.
 
   With ot.method="exact" the coupling is an assignment that scipy solves on the host: one B x B
-  problem (scope "global"; tens of ms at B = 1024) or one per device's shard (scope "local"; about
-  1.5 ms at 128 rows). Inside the train step the device would wait for it every step, idle from
-  the callback until the host has launched the rest of the step. Here, before batch n is handed to
-  step n, batch n + 1 is read and its cost matrices (`train.make_coupling_cost`, the same noise
-  and cost the step would use) are queued on the device ahead of step n; a host thread fetches
-  them and solves them while the device runs step n (scope "local": only the blocks of this
-  process's devices). Batch n carries its permutation as `ot_perm` (`ot.apply_permutation`). The
-  result equals the in-step coupling.
+  problem (scope "global"; tens of ms at B = 1024) or one per device's shard (scope "local";
+  about 1.5 ms at 128 rows). Solved inside the train step, it would leave the device idle every
+  step, from the callback until the host has launched the rest of the step. Instead, before batch
+  n is handed to step n:
+
+  * batch n + 1 is read;
+  * its cost matrices are queued on the device ahead of step n (`train.make_coupling_cost`: the
+    same noise and cost the step would use);
+  * a host thread fetches and solves them while the device runs step n (scope "local": only the
+    blocks of this process's devices).
+
+  Batch n carries its permutation as `ot_perm` (`ot.apply_permutation`). The result equals the
+  in-step coupling.
 
   Batch n is the one step n consumes (the data iterator's count equals the step after a restore),
   so it also names the step whose noise it is coupled with. The state saved in checkpoints is the
-  number of batches handed to the step, as for `GlobalBatches` (the read-ahead batch is read again
-  after a restore), so checkpoints are interchangeable between the two.
+  number of batches handed to the step, as for `GlobalBatches`; the read-ahead batch is read
+  again after a restore. So checkpoints are interchangeable between the two.
   """
 
   def __init__(self, batches, cost_fn, key: jax.Array, mesh: Mesh):

@@ -74,7 +74,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.batch_size = 64  # per process, rounded up to a multiple of its local devices
   c.num_workers = 8  # image decoding threads
   c.max_bad_fraction = 0.01  # fail if more than this fraction of images is unreadable
-  c.sleep_after_shard = 0.0  # test hook: seconds to pause after each shard (kill tests)
   # -- multi-host -----------------------------------------------------------------------------
   c.distributed = False  # call jax.distributed.initialize() in main
   c.coordinator_address = ""  # "" = auto-detect (TPU, SLURM); else "host:port"

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lct_jax import config_lib
 from lct_jax.io import autoencoder as ae_lib
 from lct_jax.io import image_sources
 from lct_jax.io import latent_dataset as ld
@@ -76,13 +75,12 @@ def _fingerprint(
 
 
 def _check_or_write_fingerprint(folder: str, doc: dict[str, Any]) -> None:
-  """Writes the fingerprint, or refuses a folder whose fingerprint differs. Keys that a file of
-  an older version does not hold (added to the fingerprint since) are not compared."""
+  """Writes the fingerprint, or refuses a folder whose fingerprint differs."""
   path = os.path.join(folder, CONFIG_FILENAME)
   if os.path.isfile(path):
     with open(path) as f:
       old = json.load(f)
-    diff = {k: (old[k], v) for k, v in doc.items() if k in old and old[k] != v}
+    diff = {k: (old.get(k), v) for k, v in doc.items() if old.get(k) != v}
     if diff:
       lines = ", ".join(f"{k}: on disk {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
       raise ValueError(
@@ -126,7 +124,7 @@ class ShardedEncoder:
 
 
 def frozen_eps(seed: int, index: int, flipped: bool, shape: tuple[int, ...]) -> np.ndarray:
-  """The N(0, 1) noise of image `index`'s frozen posterior draw (method.md §3.0, §9.16).
+  """The N(0, 1) noise of image `index`'s frozen posterior draw (docs/method.md §3.0, §9.16).
 
   sample = mean + std * eps, drawn once at encoding and stored: a generator seeded by (seed,
   source index, flipped) gives the same draw however the job is split into shards, batches or
@@ -297,11 +295,68 @@ def _finalize(
   return report
 
 
+def _encode_own_shards(
+  config: Any,
+  source: image_sources.ImageSource,
+  ae: ae_lib.Autoencoder,
+  num_images: int,
+  num_shards: int,
+  features: Any,
+  summary: dict[str, Any],
+) -> None:
+  """Encodes this process's unfinished shards (s % P == p), counting into `summary`.
+
+  Raises:
+    TooManyBadImagesError: a single process has seen more unreadable images than
+      max_bad_fraction allows (with several, process 0 checks the total at the end).
+  """
+  folder = config.output_dir
+  pid, nproc = jax.process_index(), jax.process_count()
+  mine = [s for s in range(num_shards) if s % nproc == pid]
+  ld.remove_stale_temporaries(folder, mine, num_shards)
+  todo = [s for s in mine if not ld.shard_done(folder, s, num_shards)]
+  logging.info(
+    "process %d/%d: %d of its %d shards to encode (%s, %s, latents %s)",
+    pid,
+    nproc,
+    len(todo),
+    len(mine),
+    source.description,
+    ae.identity,
+    features["mean"].shape,
+  )
+  encoder = ShardedEncoder(ae, config.batch_size)
+  total = sum(min(num_images, (s + 1) * config.shard_size) - s * config.shard_size for s in todo)
+  from tqdm import tqdm
+
+  skipped: list[dict[str, Any]] = []
+  with tqdm(total=total, unit="img", desc=f"encode p{pid}", mininterval=2.0) as progress:
+    for shard in todo:
+      read, bad, nbytes = _encode_shard(
+        shard, num_shards, source, num_images, config, encoder, features, progress
+      )
+      skipped += bad
+      summary["images_read"] += read
+      summary["images_skipped"] = len(skipped)
+      summary["shards_written"] += 1
+      summary["bytes"] += nbytes
+      # This process's count is a lower bound on the dataset's: past the limit, stop now. Only
+      # alone: with several processes the others would wait at the final barrier for ever.
+      if nproc == 1 and len(skipped) > config.max_bad_fraction * num_images:
+        first = "; ".join(f"{b['id']}: {b['error']}" for b in skipped[:3])
+        raise TooManyBadImagesError(
+          f"{len(skipped)} images could not be read by shard {shard} of {num_shards}, more than "
+          f"max_bad_fraction={config.max_bad_fraction} of {num_images}; stopped early (first: "
+          f"{first}). " + TooManyBadImagesError.ADVICE
+        )
+
+
 def encode_dataset(config: Any) -> dict[str, Any]:
   """Runs (or resumes) the encode job described by `config` (see configs/encode/*.py).
 
-  Call `jax.distributed.initialize` before this for a multi-process job; every process calls it
-  with the same config.
+  Check the config first with `lct_jax.schema.check_encode` (the encode binary does). Call
+  `jax.distributed.initialize` before this for a multi-process job; every process calls it with
+  the same config.
 
   Args:
     config: the encode config (source, path / tfds_name, resolution, autoencoder, flip,
@@ -312,19 +367,8 @@ def encode_dataset(config: Any) -> dict[str, Any]:
     of this process; process 0 adds the dataset totals of `encode_report.json`.
   """
   t0 = time.time()
-  if not config.output_dir:
-    raise ValueError("output_dir is empty; set --config.output_dir")
-  config_lib.check_local_path("config.output_dir", config.output_dir)
-  if not 0.0 <= config.max_bad_fraction <= 1.0:
-    raise ValueError(f"max_bad_fraction={config.max_bad_fraction} must lie in [0, 1]")
-  for key in ("shard_size", "batch_size", "resolution"):
-    if config[key] < 1:
-      raise ValueError(f"{key}={config[key]} must be a positive integer (config key: {key})")
-  if not 0 <= config.seed < 2**32:  # one 32-bit word of the draws' SeedSequence (frozen_eps)
-    raise ValueError(f"seed={config.seed} must lie in [0, 2**32) (config key: seed)")
   source = image_sources.make_source(config)  # a missing path fails before the VAE loads
   ae = ae_lib.load_autoencoder(config.autoencoder, local_files_only=config.local_files_only)
-  latent_shape = ae.latent_shape(config.resolution)
   num_images = len(source) if config.max_examples < 0 else min(len(source), config.max_examples)
   if num_images < 2:
     raise ValueError(f"{source.description} has {num_images} images; need at least 2")
@@ -332,8 +376,8 @@ def encode_dataset(config: Any) -> dict[str, Any]:
   folder = config.output_dir
   os.makedirs(folder, exist_ok=True)
   _check_or_write_fingerprint(folder, _fingerprint(config, ae, source, num_images))
-  features = ld.make_features(latent_shape, config.flip)
-  pid, nproc = jax.process_index(), jax.process_count()
+  features = ld.make_features(ae.latent_shape(config.resolution), config.flip)
+  pid = jax.process_index()
   summary: dict[str, Any] = dict(
     process=pid, images_read=0, images_skipped=0, shards_written=0, bytes=0
   )
@@ -343,47 +387,8 @@ def encode_dataset(config: Any) -> dict[str, Any]:
       with open(os.path.join(folder, REPORT_FILENAME)) as f:
         summary["dataset"] = {k: v for k, v in json.load(f).items() if k != "skipped"}
   else:
-    mine = [s for s in range(num_shards) if s % nproc == pid]
-    ld.remove_stale_temporaries(folder, mine, num_shards)
-    todo = [s for s in mine if not ld.shard_done(folder, s, num_shards)]
-    logging.info(
-      "process %d/%d: %d of its %d shards to encode (%s, %s, latents %s)",
-      pid,
-      nproc,
-      len(todo),
-      len(mine),
-      source.description,
-      ae.identity,
-      latent_shape,
-    )
-    encoder = ShardedEncoder(ae, config.batch_size)
-    total = sum(min(num_images, (s + 1) * config.shard_size) - s * config.shard_size for s in todo)
-    from tqdm import tqdm
-
-    skipped: list[dict[str, Any]] = []
-    with tqdm(total=total, unit="img", desc=f"encode p{pid}", mininterval=2.0) as progress:
-      for shard in todo:
-        read, bad, nbytes = _encode_shard(
-          shard, num_shards, source, num_images, config, encoder, features, progress
-        )
-        skipped += bad
-        summary["images_read"] += read
-        summary["images_skipped"] = len(skipped)
-        summary["shards_written"] += 1
-        summary["bytes"] += nbytes
-        # This process's count is a lower bound on the dataset's: past the limit, stop now. Only
-        # alone: with several processes the others would wait at the barrier below for ever;
-        # process 0 checks the total there.
-        if nproc == 1 and len(skipped) > config.max_bad_fraction * num_images:
-          first = "; ".join(f"{b['id']}: {b['error']}" for b in skipped[:3])
-          raise TooManyBadImagesError(
-            f"{len(skipped)} images could not be read by shard {shard} of {num_shards}, more than "
-            f"max_bad_fraction={config.max_bad_fraction} of {num_images}; stopped early (first: "
-            f"{first}). " + TooManyBadImagesError.ADVICE
-          )
-        if config.get("sleep_after_shard", 0.0):
-          time.sleep(config.sleep_after_shard)
-    if nproc > 1:
+    _encode_own_shards(config, source, ae, num_images, num_shards, features, summary)
+    if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices("lct_jax.encode: all shards written")

@@ -1,12 +1,17 @@
 """Image sources of the encode job: a folder or zip of PNG/JPEG, a TFDS dataset, Fashion-MNIST idx
 files, the MNIST demo.
 
-This module owns listing a source in a fixed order (so every process and every rerun agrees on
-which image is number i), decoding (idx files included), and the preprocessing of method.md
-section 3.0: RGB (grayscale and palette images converted), shorter side resized to the resolution
-(bicubic, antialiased), centre crop. Images already at the resolution are untouched. Unreadable or
-truncated images come back as records with an error instead of an image, for the caller to skip
-and report; a broken idx file fails the whole source, naming the file.
+This module owns:
+
+* listing a source in a fixed order, so every process and every rerun agrees on which image is
+  number i;
+* decoding, idx files included;
+* the preprocessing of docs/method.md §3.0: RGB (grayscale and palette images converted), shorter
+  side resized to the resolution (bicubic, antialiased), centre crop. Images already at the
+  resolution are untouched.
+
+Unreadable or truncated images come back as records with an error instead of an image, for the
+caller to skip and report. A broken idx file fails the whole source, naming the file.
 """
 
 from __future__ import annotations
@@ -474,6 +479,10 @@ class TfdsSource(ImageSource):
     yield from bounded_map(record, range(start, stop), self.workers, window=64)
 
 
+# The encode job's `source` values, each built by make_source.
+SOURCES = ("folder", "zip", "tfds", "fashion_mnist", "demo")
+
+
 def make_source(config: Any) -> ImageSource:
   """Builds the source named by `config.source` ("folder", "zip", "tfds", "fashion_mnist" or
   "demo")."""
@@ -498,6 +507,5 @@ def make_source(config: Any) -> ImageSource:
       workers,
     )
   raise ValueError(
-    f"config.source={config.source!r}: unknown source; expected folder, zip, tfds, "
-    "fashion_mnist or demo"
+    f"config.source={config.source!r}: unknown source; expected one of {', '.join(SOURCES)}"
   )

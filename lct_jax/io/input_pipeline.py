@@ -1,13 +1,14 @@
 """The training input pipeline: the encode job's latent shards, read with grain.
 
-Owns: a deterministic grain `MapDataset` over the shuffled examples (a fresh order each epoch)
-in which global batch s is positions [s*B, (s+1)*B) of the shuffled stream and process p reads
-only its rows [p*B/P, (p+1)*B/P) of it, so the batches, and their order, do not depend on the
-number of processes or grain workers; the batched read and vectorized conversion to the
-normalized training latent of method.md section 3.0 (stored posterior mean, or a fresh draw
-mean + std * eps seeded by the row's global position); and `GlobalBatches`, which turns each
-process's rows into one global jax.Array and counts the batches it handed out, so that a checkpoint (that count) resumes exactly
-at the next unseen batch.
+- A deterministic grain `MapDataset` over the examples, shuffled afresh each epoch. Global batch
+  s is positions [s*B, (s+1)*B) of the shuffled stream; process p reads only its rows
+  [p*B/P, (p+1)*B/P). The batches and their order do not depend on the number of processes or
+  grain workers.
+- One batched read per element, and one vectorized conversion to the normalized training latent
+  of docs/method.md §3.0: the stored posterior draw or mean, or a fresh draw mean + std * eps
+  seeded by the row's global position.
+- `GlobalBatches` turns each process's rows into one global jax.Array and counts the batches it
+  hands out; a checkpoint stores that count and resumes at the next unseen batch.
 """
 
 import functools
@@ -126,7 +127,7 @@ def make_loader(
     latent: "sample" (the stored frozen posterior draw), "mean", or "fresh" (mean + std * eps,
       a new draw at every stream position); `stats` must be over the same (latents.LATENT_MODES).
     num_examples: the epoch length the curriculum's K was computed from (data.num_examples,
-      method.md 2.2: K = floor(len(dataset) / B) * epochs); must equal the dataset's length
+      docs/method.md 2.2: K = floor(len(dataset) / B) * epochs); must equal the dataset's length
       (originals and flips with use_flipped). None skips the check (K given directly).
     process_index: p; defaults to jax.process_index().
     process_count: P; defaults to jax.process_count().
@@ -137,8 +138,7 @@ def make_loader(
   Raises:
     ValueError: naming data.dir / train.global_batch_size / data.latent / data.num_examples for
       an empty dataset, a global batch larger than the dataset, one the processes cannot split
-      evenly, a dataset without the frozen draws that data.latent="sample" reads, or one whose
-      length is not data.num_examples.
+      evenly, or one whose length is not data.num_examples.
   """
   import tensorflow_datasets as tfds
 
@@ -148,12 +148,6 @@ def make_loader(
   if latent not in latents.LATENT_MODES:
     raise ValueError(f"data.latent={latent!r}: expected one of {', '.join(latents.LATENT_MODES)}")
   source = latent_dataset.LatentMomentsSource(data_dir, use_flipped)
-  if latent == "sample" and not source.has_frozen_sample:
-    raise ValueError(
-      f"data.latent='sample': data.dir={data_dir!r} stores no frozen posterior draws (encoded "
-      "before lct_jax stored one per image); re-encode it into a new or emptied output_dir (a "
-      "rerun into a finished folder does nothing), or set data.latent=mean"
-    )
   if num_examples is not None and num_examples != len(source):
     flips = " (originals and their flips: data.use_flipped=True)" if use_flipped else ""
     raise ValueError(

@@ -1,9 +1,13 @@
 """What the binaries share: absl logging set-up, and `run`, which reports a failure as one line.
 
-`run(main, prog)` replaces `absl.app.run(main)`. A failure while the flags are parsed (a config key
-that does not exist, a config file that does not load) or while the job runs ends the process with
-exit status 1 (2 for flags) and one line on stderr, `PROG: error: <what, naming the key or file>`;
-a config with several problems gets one such line per problem. `--traceback` shows the Python
+`run(main, prog)` replaces `absl.app.run(main)`. A failure ends the process with one line on
+stderr, `PROG: error: <what, naming the key or file>`, and exit status:
+
+* 2 while the flags are parsed (a config key that does not exist, a config file that does not
+  load);
+* 1 while the job runs.
+
+A config with several problems gets one such line per problem. `--traceback` shows the Python
 traceback as well.
 """
 

@@ -13,7 +13,8 @@ reads it with random access, without TensorFlow, for grain. Examples, in source 
 
   mean, std                 float32 (H, W, C)  posterior moments, raw VAE scale
   sample                    float32 (H, W, C)  one frozen posterior draw, mean + std * eps
-                                               (method.md §3.0, §9.16; eps: encoding.frozen_eps)
+                                               (docs/method.md §3.0, §9.16;
+                                               eps: encoding.frozen_eps)
   flipped_mean, flipped_std, flipped_sample    same for the h-flipped image (only if encoded)
   label                     int64              class label, -1 when the source has none
   id                        text               relative path / source index of the image
@@ -274,11 +275,6 @@ class LatentMomentsSource:
   def latent_shape(self) -> tuple[int, ...]:
     return tuple(self._open().dataset_info.features["mean"].shape)
 
-  @property
-  def has_frozen_sample(self) -> bool:
-    """Whether the encode job stored a frozen posterior draw (datasets from before it did not)."""
-    return "sample" in self._open().dataset_info.features
-
   def read_moments(self, indices: Sequence[int], keys: Sequence[str]) -> dict[str, np.ndarray]:
     """Rows `indices` stacked: {key: float32 (n, H, W, C)} for each of `keys` ("mean", "std",
     "sample"; a flipped copy's row holds its flipped_* fields).
@@ -314,8 +310,7 @@ class LatentMomentsSource:
     flipped = i >= self.num_examples
     ex = self._open()[i - self.num_examples if flipped else i]
     prefix = "flipped_" if flipped else ""
-    # Datasets encoded before the frozen draw have no "sample".
-    moments = {k: ex[prefix + k] for k in MOMENT_KEYS if prefix + k in ex}
+    moments = {k: ex[prefix + k] for k in MOMENT_KEYS}
     return dict(moments, label=ex["label"], index=np.int64(i))
 
   def __getstate__(self) -> dict[str, Any]:

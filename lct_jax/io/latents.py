@@ -1,13 +1,19 @@
-"""Dataset-level latent statistics and the normalization of method.md section 3.0, in one place.
+"""Dataset-level latent statistics and the normalization of docs/method.md §3.0, in one place.
 
-What the statistics are computed over (method.md §3.0 and §9.16): the latents training reads,
-in raw VAE scale (no 0.18215 factor), per ELEMENT of the (H, W, C) latent over every stored
-example, with the unbiased std (ddof = 1, as torch.std_mean). The encode job stores, per image,
-the posterior mean and std and ONE frozen posterior draw (as the paper's code cached one draw per
-image), and writes statistics over the draws (the default, `data.latent = "sample"`) and over the
-means (`data.latent = "mean"`, also used by `"fresh"`, a new draw each step). When the dataset
-stores h-flipped copies, a second set of each is computed over originals + flips (the paper's
-LSUN training set); training with `data.use_flipped` picks that one.
+What the statistics are computed over (docs/method.md §3.0 and §9.16):
+
+* the latents training reads, in raw VAE scale (no 0.18215 factor);
+* per ELEMENT of the (H, W, C) latent, over every stored example;
+* with the unbiased std (ddof = 1, as torch.std_mean).
+
+The encode job stores, per image, the posterior mean and std and ONE frozen posterior draw (the
+paper's code caches one draw per image). It writes two sets of statistics:
+
+* over the draws: the default, `data.latent = "sample"`;
+* over the means: `data.latent = "mean"`, also used by `"fresh"` (a new draw each step).
+
+When the dataset stores h-flipped copies, a second copy of each set is computed over originals +
+flips (the paper's LSUN training set); training with `data.use_flipped` picks that one.
 
   x      = (z_raw - mean) / std * sigma_data           (normalize; sigma_data = 0.5)
   z_raw  = x / sigma_data * std + mean                  (denormalize, before VAE decoding)
@@ -34,8 +40,8 @@ from lct_jax.io import autoencoder as ae_lib
 STATS_FILENAME = "latent_stats.json"
 FORMAT = "lct_jax/latent_stats/v1"
 DEFAULT_STD_FLOOR = 1e-6
-# data.normalization: standardize each element of the latent (method.md §3.0, the paper's), or
-# each channel as a whole (pixel-space data, whose rarely-inked border pixels per-element
+# data.normalization: standardize each element of the latent (docs/method.md §3.0, the paper's),
+# or each channel as a whole (pixel-space data, whose rarely-inked border pixels per-element
 # standardization turns into outliers of up to 70 sigma_data on the MNIST demo digits).
 NORMALIZATIONS = ("element", "channel")
 
@@ -49,7 +55,8 @@ class LatentStats:
   """Per-element statistics of a latent dataset, and what produced it.
 
   Attributes:
-    mean: float64 (H, W, C), per-element mean of the raw-scale latents (posterior means or frozen draws).
+    mean: float64 (H, W, C), per-element mean of the raw-scale latents (posterior means or
+      frozen draws).
     std: float64 (H, W, C), per-element unbiased std.
     channel_mean: per-channel mean over examples and positions (for reports).
     channel_std: per-channel unbiased std over examples and positions.
@@ -148,9 +155,9 @@ def _stats_block(stats: LatentStats) -> dict[str, Any]:
 
 
 # The stored fields statistics are computed over, and which of them each `data.latent` mode
-# normalizes with: the frozen draw with the draws' statistics, the mean with the means'; a fresh
-# draw per step keeps the means' statistics it always had (its draws' statistics differ from them
-# by the posterior std only, and datasets written before the frozen draw have no others).
+# normalizes with: the frozen draw with the draws' statistics, the mean with the means'. A fresh
+# draw per step uses the means' statistics: its draws' statistics differ from them by the
+# posterior std only, and a dataset without stored draws has no others.
 STATS_FIELDS = ("mean", "sample")
 LATENT_MODES = {"sample": "sample", "mean": "mean", "fresh": "mean"}
 
@@ -216,9 +223,9 @@ def load_latent_stats(
       `data.use_flipped`); an error if the dataset has none.
     latent: what training reads (config `data.latent`, LATENT_MODES): "sample" gives the
       statistics of the stored frozen draws, "mean" and "fresh" those of the means.
-    normalization: config `data.normalization`, one of NORMALIZATIONS: "element" (method.md
-      §3.0) keeps the per-element mean and std, "channel" puts the per-channel ones in their
-      place (`per_channel`).
+    normalization: config `data.normalization`, one of NORMALIZATIONS: "element"
+      (docs/method.md §3.0) keeps the per-element mean and std, "channel" puts the per-channel
+      ones in their place (`per_channel`).
 
   Returns:
     The statistics.
@@ -243,10 +250,8 @@ def load_latent_stats(
   field = LATENT_MODES[latent]
   if _block_key(field, False) not in doc:
     raise ValueError(
-      f"data.latent={latent!r}: {path} has no statistics over frozen posterior draws (the "
-      "dataset was encoded before lct_jax stored one per image); re-encode it into a new or "
-      "emptied output_dir (a rerun into a finished folder does nothing), or set "
-      "data.latent=mean to train on the posterior means"
+      f"data.latent={latent!r}: {path} has no statistics of the {field!r} field; re-encode the "
+      "dataset with lct_jax's encode job into a new or emptied output_dir"
     )
   key = _block_key(field, use_flipped)
   if key not in doc:

@@ -7,7 +7,6 @@ refused with the differing keys named), and uint8 image grids saved as PNG and t
 
 import json
 import os
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -59,7 +58,6 @@ def check_workdir(
   workdir: str,
   config: ml_collections.ConfigDict,
   has_checkpoints: bool,
-  upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> None:
   """Refuses to resume checkpoints that another config wrote.
 
@@ -67,8 +65,6 @@ def check_workdir(
     workdir: the run's folder (its config.json is compared).
     config: the config of this job.
     has_checkpoints: whether there is anything to resume; without it nothing is checked.
-    upgrade: rewrites an older run's flattened config.json in the current keys (keys added or
-      renamed since, config_lib.upgrade_saved_config) before the comparison.
 
   Raises:
     ValueError: naming each differing key with both values; nothing in the workdir is touched.
@@ -78,8 +74,6 @@ def check_workdir(
     return
   with open(path) as f:
     old = _flatten(json.load(f))
-  if upgrade is not None:
-    old = upgrade(old)
   new = flat_config(config)
   diffs = [
     f"{k}: {old.get(k)!r} -> {new.get(k)!r}"

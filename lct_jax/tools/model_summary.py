@@ -11,7 +11,7 @@ from absl import app, flags
 from clu import parameter_overview
 from ml_collections import config_flags
 
-from lct_jax import config_lib
+from lct_jax import config_lib, schema
 from lct_jax.io import job_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -35,7 +35,7 @@ def count_params(params) -> int:
 def main(argv):
   del argv
   config = _CONFIG.value
-  config_lib.validate(config)
+  schema.check_train(config)
   params = param_shapes(config)
   table = parameter_overview.get_parameter_overview(params, include_stats=False)
   sys.stdout.write(table + f"\nTotal parameters: {count_params(params):,}\n")

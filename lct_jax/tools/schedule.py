@@ -1,7 +1,8 @@
-"""`python -m lct_jax.tools.schedule --config=configs/ffhq.py [--json]`: the curriculum a config trains.
+"""`python -m lct_jax.tools.schedule --config=configs/ffhq.py [--json]`: a config's curriculum.
 
-One row per stage: first step, last step, N, c, the largest sigma that receives the diffusion loss,
-and the expected fraction of a batch under it. Check a config here before spending a week of compute.
+One row per stage: first step, last step, N, c, the largest sigma that receives the diffusion
+loss, and the expected fraction of a batch under it. Check a config here before spending a week
+of compute.
 """
 
 import json
@@ -10,7 +11,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from lct_jax import config_lib
+from lct_jax import config_lib, schema
 from lct_jax.core import curriculum
 from lct_jax.io import job_logging
 
@@ -20,7 +21,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a tab
 
 def schedule(config) -> dict:
   """{"total_steps": K, "stages": [...]} for a validated config (see curriculum.stage_table)."""
-  config_lib.validate(config)
+  schema.check_train(config)
   cfg = config_lib.curriculum_config(config)
   return {"total_steps": cfg.total_steps, "stages": curriculum.stage_table(cfg)}
 

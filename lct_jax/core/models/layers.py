@@ -6,8 +6,8 @@ parameter for parameter the same as its counterpart in EDM (Karras et al. 2022):
 * the EDM weight initialisation (`edm_kaiming_uniform`),
 * `Linear` and `Conv2d` (with EDM's [1,1] box-filter resampling: `downsample_2x`, `upsample_2x`),
 * normalisation: `GroupNorm` (EDM's group rule), the paper's Non-scaling LayerNorm `NsLN`
-  (method.md section 3.6; with `use_scale=True` it is the scaled LayerNorm over (H, W, C)), and the
-  selection helper `make_norm`,
+  (docs/method.md §3.6; with `use_scale=True` it is the scaled LayerNorm over (H, W, C)), and
+  the selection helper `make_norm`,
 * multi-head self-attention (`attention_op`, `SelfAttention`),
 * the sinusoidal noise embedding (`positional_embedding`),
 * the residual block `UNetBlock`.
@@ -36,9 +36,9 @@ NORM_KINDS = ("group", "layer", "nsln")
 def edm_kaiming_uniform(fan_in: int, gain: float) -> Initializer:
   """EDM's `weight_init(mode='kaiming_uniform') * gain` as a Flax initializer.
 
-  EDM draws sqrt(3 / fan_in) * (2U - 1), U ~ Uniform[0, 1), and multiplies by `init_weight` (weights)
-  or `init_bias` (biases); both use the fan-in of the layer's weight, so with gain sqrt(1/3) every
-  entry is uniform on [-1/sqrt(fan_in), 1/sqrt(fan_in)].
+  EDM draws sqrt(3 / fan_in) * (2U - 1), U ~ Uniform[0, 1), and multiplies by `init_weight`
+  (weights) or `init_bias` (biases). Both use the fan-in of the layer's weight, so with gain
+  sqrt(1/3) every entry is uniform on [-1/sqrt(fan_in), 1/sqrt(fan_in)].
 
   Args:
     fan_in: fan-in of the layer's weight (in_features, or in_channels * k * k).
@@ -107,19 +107,12 @@ class Linear(nn.Module):
     return y
 
 
-# Storage layouts of a Conv2d kernel (the order of its axes: H, W, In, Out). The convolution is
-# the same in each; what changes is the layout of the parameter, its gradient and its optimizer
-# state, i.e. which transposes XLA inserts around the backend's kernels. cuDNN's NHWC kernels take
-# and produce OHWI (KRSC) filters, XLA:CPU's weight gradient comes out IHWO; HWIO is Flax's.
-KERNEL_LAYOUTS = ("HWIO", "OHWI", "IHWO")
-
-
 class Conv2d(nn.Module):
   """EDM `Conv2d` (non-fused): optional [1,1] resampling, then a k x k 'same' convolution.
 
   `kernel_size=0` gives EDM's weightless resampling-only layer (then `features` must equal the
-  input channel count). Kernel axes in `kernel_layout` order (default HWIO), fan_in =
-  in_channels * k * k for weight and bias init.
+  input channel count). Kernel (k, k, in, out) (HWIO, Flax's), fan_in = in_channels * k * k
+  for weight and bias init.
   """
 
   features: int
@@ -130,13 +123,10 @@ class Conv2d(nn.Module):
   init_weight: float = EDM_INIT_GAIN
   init_bias: float = EDM_INIT_GAIN
   dtype: Dtype = jnp.float32
-  kernel_layout: str = "HWIO"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x (B, H, W, Cin). Returns: (B, H', W', features) in `dtype` (H' = 2H / H/2 / H)."""
-    if self.kernel_layout not in KERNEL_LAYOUTS:
-      raise ValueError(f"kernel_layout must be one of {KERNEL_LAYOUTS}, got {self.kernel_layout!r}")
     assert not (self.up and self.down), "Conv2d: up and down are exclusive"
     cin = x.shape[-1]
     x = x.astype(self.dtype)
@@ -149,11 +139,8 @@ class Conv2d(nn.Module):
       assert self.features == cin, "a weightless Conv2d cannot change the channel count"
       return x
     fan_in = cin * k * k
-    size = dict(H=k, W=k, I=cin, O=self.features)
     w = self.param(
-      "kernel",
-      edm_kaiming_uniform(fan_in, self.init_weight),
-      tuple(size[axis] for axis in self.kernel_layout),
+      "kernel", edm_kaiming_uniform(fan_in, self.init_weight), (k, k, cin, self.features)
     )
     pad = k // 2
     y = jax.lax.conv_general_dilated(
@@ -161,7 +148,7 @@ class Conv2d(nn.Module):
       w.astype(self.dtype),
       window_strides=(1, 1),
       padding=((pad, pad), (pad, pad)),
-      dimension_numbers=("NHWC", self.kernel_layout, "NHWC"),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
     if self.use_bias:
       b = self.param("bias", edm_kaiming_uniform(fan_in, self.init_bias), (self.features,))
@@ -176,11 +163,15 @@ def normalize(x: jax.Array, groups: int, epsilon: float) -> jax.Array:
   (channels are split into `groups` consecutive groups; groups=1 normalises over all of (H, W, C)),
   biased variance, as torch's group_norm and layer_norm.
 
-  One pass over x: per-channel sums of d and d^2 over the spatial axes (one column reduction of
-  the NHWC tensor, which XLA emits as a single kernel for both), summed over each group's channels
-  on the small (B, C) result, with d = x - k shifted by the group's first element k, so
-  var = E[d^2] - E[d]^2 and d - E[d] keep the accuracy of a two-pass computation when the mean is
-  large against the spread.
+  The statistics take one pass over x:
+
+  * d = x - k, shifted by the group's first element k;
+  * per-channel sums of d and d^2 over the spatial axes: one column reduction of the NHWC tensor,
+    which XLA emits as a single kernel for both;
+  * sums over each group's channels on the small (B, C) result.
+
+  The shift keeps var = E[d^2] - E[d]^2 and d - E[d] as accurate as a two-pass computation when
+  the mean is large against the spread.
 
   Its derivative is written out (`jax.custom_jvp`): dy = rstd (dx - E[dx] - y E[y dx]) per group.
   Linear in dx, it transposes to the closed-form backward dx = rstd (g - E[g] - y E[y g]): two
@@ -260,11 +251,12 @@ class GroupNorm(nn.Module):
 
 
 class NsLN(nn.Module):
-  """Non-scaling LayerNorm (method.md section 3.6) over all non-batch axes of each sample.
+  """Non-scaling LayerNorm (docs/method.md §3.6) over all non-batch axes of each sample.
 
-  y = (h - mean(h)) / sqrt(var(h) + eps) + beta, beta learnable of shape x.shape[1:] (e.g. (H, W, C)),
-  no scale. With `use_scale=True` a learnable gamma of the same shape multiplies the normalised
-  value: the ordinary (scaled) LayerNorm over (H, W, C), the "layer" option. Float32 in and out.
+  y = (h - mean(h)) / sqrt(var(h) + eps) + beta, with no scale. beta is learnable, of shape
+  x.shape[1:] (e.g. (H, W, C)). With `use_scale=True` a learnable gamma of the same shape
+  multiplies the normalised value: the ordinary (scaled) LayerNorm over (H, W, C), the "layer"
+  option. Float32 in and out.
   """
 
   use_scale: bool = False
@@ -303,7 +295,9 @@ def make_norm(kind: str, name: str | None = None) -> nn.Module:
 def positional_embedding(
   x: jax.Array, num_channels: int, max_positions: int = 10000, endpoint: bool = False
 ) -> jax.Array:
-  """EDM `PositionalEmbedding`: [cos(x f_k), sin(x f_k)], f_k = (1/max_positions)^(k/(C/2 - endpoint)).
+  """EDM `PositionalEmbedding`: [cos(x f_k), sin(x f_k)].
+
+  f_k = (1/max_positions)^(k/(C/2 - endpoint)).
 
   Args:
     x: (B,) positions (here c_noise(sigma)).
@@ -327,11 +321,11 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 def attention_op(qkv: jax.Array, num_heads: int, implementation: str = "auto") -> jax.Array:
   """Multi-head softmax self-attention over the spatial positions, EDM channel layout.
 
-  The 3C channels of `qkv` are laid out as (head, channel-in-head, {q, k, v}) like EDM's
-  `reshape(B * heads, C // heads, 3, -1)`, and the output channel is head * (C // heads) + c, so
-  EDM weights can be ported by transposing kernels only. Logits and softmax are float32 (as EDM's
+  The 3C channels of `qkv` are laid out as (head, channel-in-head, {q, k, v}), like EDM's
+  `reshape(B * heads, C // heads, 3, -1)`. The output channel is head * (C // heads) + c. So EDM
+  weights port by transposing kernels only. Logits and softmax are float32, as in EDM's
   AttentionOp: `jax.nn.dot_product_attention` accumulates the logits in float32 whatever the
-  input dtype); the weighted sum of values runs in qkv's dtype.
+  input dtype. The weighted sum of values runs in qkv's dtype.
 
   Args:
     qkv: (B, H, W, 3C).
@@ -368,13 +362,12 @@ class SelfAttention(nn.Module):
   norm: str = "group"
   dtype: Dtype = jnp.float32
   attention_impl: str = "auto"
-  kernel_layout: str = "HWIO"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x (B, H, W, C). Returns: (B, H, W, C), dtype of x promoted with `dtype`."""
     c = x.shape[-1]
-    conv = functools.partial(Conv2d, dtype=self.dtype, kernel_layout=self.kernel_layout)
+    conv = functools.partial(Conv2d, dtype=self.dtype)
     h = make_norm(self.norm, name="norm2")(x)
     qkv = conv(3 * c, 1, name="qkv")(h)
     a = attention_op(qkv, self.num_heads, self.attention_impl)
@@ -385,11 +378,14 @@ class SelfAttention(nn.Module):
 class UNetBlock(nn.Module):
   """EDM `UNetBlock` as DhariwalUNet configures it (ADM residual block).
 
-  norm0 -> SiLU -> conv0 (3x3, with up/down resampling) ; x = SiLU(shift + norm1(x) * (scale + 1))
-  with (scale, shift) = affine(emb) ; dropout ; conv1 (3x3, zero init) ; + skip, where skip is a
-  1x1 conv (after resampling) only if the channel count changes, else the (resampled) input;
-  skip_scale = 1. If `attention` and out_channels // channels_per_head > 0, a `SelfAttention`
-  branch (submodule `attn`) follows; with fewer channels than one head EDM silently has none.
+  * norm0 -> SiLU -> conv0 (3x3, with up/down resampling);
+  * x = SiLU(shift + norm1(x) * (scale + 1)) with (scale, shift) = affine(emb);
+  * dropout -> conv1 (3x3, zero init);
+  * + skip (skip_scale = 1). skip is a 1x1 conv (after resampling) if the channel count changes,
+    else the (resampled) input.
+
+  If `attention` and out_channels // channels_per_head > 0, a `SelfAttention` branch (submodule
+  `attn`) follows. With fewer channels than one head, EDM silently has none.
   """
 
   out_channels: int
@@ -401,7 +397,6 @@ class UNetBlock(nn.Module):
   norm: str = "group"
   dtype: Dtype = jnp.float32
   attention_impl: str = "auto"
-  kernel_layout: str = "HWIO"
 
   @property
   def num_heads(self) -> int:
@@ -422,7 +417,7 @@ class UNetBlock(nn.Module):
     """
     cin = x.shape[-1]
     cout = self.out_channels
-    conv = functools.partial(Conv2d, dtype=self.dtype, kernel_layout=self.kernel_layout)
+    conv = functools.partial(Conv2d, dtype=self.dtype)
     resample = dict(up=self.up, down=self.down)
     h = nn.silu(make_norm(self.norm, name="norm0")(x))
     h = conv(cout, 3, name="conv0", **resample)(h)
@@ -442,7 +437,6 @@ class UNetBlock(nn.Module):
         norm=self.norm,
         dtype=self.dtype,
         attention_impl=self.attention_impl,
-        kernel_layout=self.kernel_layout,
         name="attn",
       )(x)
     return x

@@ -1,11 +1,15 @@
 """EDM's ADM re-implementation `DhariwalUNet` (Karras et al. 2022) in Flax Linen, unconditional.
 
-This module owns the network used for all paper results (method.md section 4.1). At the same
-configuration it has exactly the parameters of EDM's `training/networks.py::DhariwalUNet` (no label
-or augmentation embedding); the only intended difference is the switchable final norm (EDM
-GroupNorm, LayerNorm or the paper's Non-scaling LayerNorm over (H, W, C), method.md section 3.6)
-and the `nsln_everywhere` ablation. Submodule names follow EDM's (`enc_32x32_block0`,
-`dec_4x4_in0`, `map_layer0`, `out_norm`, ...), with '.' replaced by '_'.
+This module owns the network used for all paper results (docs/method.md §4.1). At the same
+configuration it has exactly the parameters of EDM's `training/networks.py::DhariwalUNet` (no
+label or augmentation embedding). The intended differences are:
+
+* the switchable final norm: EDM GroupNorm, LayerNorm or the paper's Non-scaling LayerNorm over
+  (H, W, C) (docs/method.md §3.6);
+* the `nsln_everywhere` ablation.
+
+Submodule names follow EDM's (`enc_32x32_block0`, `dec_4x4_in0`, `map_layer0`, `out_norm`, ...),
+with '.' replaced by '_'.
 """
 
 import functools
@@ -41,7 +45,6 @@ class DhariwalUNet(nn.Module):
     nsln_everywhere: ablation; every inner GroupNorm becomes an NsLN over (H, W, C) too.
     dtype: computation dtype; params are always float32 and the output is float32.
     attention_impl: "auto" | "xla" | "cudnn" (layers.attention_op).
-    kernel_layout: storage layout of every conv kernel, one of layers.KERNEL_LAYOUTS.
   """
 
   img_resolution: int
@@ -56,7 +59,6 @@ class DhariwalUNet(nn.Module):
   nsln_everywhere: bool = False
   dtype: Any = jnp.float32
   attention_impl: str = "auto"
-  kernel_layout: str = "HWIO"
 
   @nn.compact
   def __call__(self, x: jax.Array, noise_labels: jax.Array, *, train: bool) -> jax.Array:
@@ -83,9 +85,8 @@ class DhariwalUNet(nn.Module):
       norm="nsln" if self.nsln_everywhere else "group",
       dtype=self.dtype,
       attention_impl=self.attention_impl,
-      kernel_layout=self.kernel_layout,
     )
-    conv = functools.partial(Conv2d, dtype=self.dtype, kernel_layout=self.kernel_layout)
+    conv = functools.partial(Conv2d, dtype=self.dtype)
 
     # Mapping: Linear -> SiLU -> Linear -> SiLU (EDM applies the second SiLU after the optional
     # label term, which this unconditional network does not have).
