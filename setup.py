@@ -10,6 +10,8 @@ setup(
     "Cauchy loss, early-timestep diffusion loss, OT coupling, adaptive c, NsLN."
   ),
   packages=find_packages(include=["lct_jax", "lct_jax.*"]),
+  # The TAEF2 tiny autoencoder's weights, licence and hashes (lct_jax/assets/taef2/README.md).
+  package_data={"lct_jax": ["assets/taef2/*"]},
   python_requires=">=3.11",
   install_requires=[
     # core

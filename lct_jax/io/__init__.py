@@ -2,6 +2,7 @@
 
 Modules:
   autoencoder     the SD VAE (diffusers FlaxAutoencoderKL) and the weightless pixel autoencoder.
+  taesd           the TAESD-family tiny autoencoders (the shipped TAEF2), read without torch.
   latents         latent_stats.json and the section 3.0 normalization (the only place it lives).
   latent_dataset  the TFDS-format ArrayRecord shards of posterior moments: layout and reading.
   image_sources   folder / zip / TFDS / MNIST-demo image sources and their preprocessing.

@@ -410,14 +410,46 @@ def parse_pixel_name(name: str) -> tuple[int, bool] | None:
     ) from None
 
 
+# Tiny autoencoders (lct_jax.io.taesd): "taef2" is the TAEF2 shipped with lct_jax, "KIND:FOLDER"
+# (KIND one of these) a folder holding KIND_encoder.pth and KIND_decoder.pth.
+TINY_KINDS = ("taef2", "taef1", "taesd3", "taesdxl", "taesd")
+SHIPPED_TINY = "taef2"
+
+
+def _tiny_folder(name: str) -> str | None:
+  """The folder of a tiny-autoencoder name, or None for any other name."""
+  if name == SHIPPED_TINY:
+    from lct_jax.io import taesd
+
+    return taesd.TAEF2_FOLDER
+  kind, sep, folder = name.partition(":")
+  if sep and kind in TINY_KINDS and folder:
+    return os.path.abspath(os.path.expanduser(folder))
+  return None
+
+
 def canonical_name(name: str) -> str:
   """The identity a name loads as: 'pixel:1' -> 'pixel', a local folder -> its absolute path."""
   parsed = parse_pixel_name(name)
   if parsed is not None:
     return PixelAutoencoder(*parsed).identity
+  folder = _tiny_folder(name)
+  if folder is not None:
+    return name if name == SHIPPED_TINY else f"{name.partition(':')[0]}:{folder}"
   if os.path.isdir(os.path.expanduser(name)):
     return os.path.abspath(os.path.expanduser(name))
   return name
+
+
+def _load_tiny(name: str, folder: str, dtype: Any) -> Autoencoder:
+  from lct_jax.io import taesd
+
+  try:
+    ae = taesd.load_tiny_autoencoder(folder, dtype=dtype)
+  except (OSError, ValueError) as e:
+    raise AutoencoderLoadError(f"Could not load the tiny autoencoder {name!r}: {e}") from e
+  ae.identity = canonical_name(name)
+  return ae
 
 
 def load_autoencoder(
@@ -427,7 +459,9 @@ def load_autoencoder(
 
   Args:
     name: "pixel" or "pixel:F" (space-to-depth by F), "gray" or "gray:F" (the same on one gray
-      channel), a local folder holding config.json and
+      channel), "taef2" (the TAEF2 tiny autoencoder shipped with lct_jax), "KIND:FOLDER" (a
+      TAESD-family folder, KIND one of TINY_KINDS; lct_jax.io.taesd), a local folder holding
+      config.json and
       diffusion_flax_model.msgpack or diffusion_pytorch_model.safetensors, or a Hugging Face id
       ("org/repo", or "org/repo/subfolder" for a VAE inside a pipeline repo).
     local_files_only: for hub ids, use only the local Hugging Face cache.
@@ -443,6 +477,9 @@ def load_autoencoder(
   parsed = parse_pixel_name(name)
   if parsed is not None:
     return PixelAutoencoder(*parsed)
+  tiny = _tiny_folder(name)
+  if tiny is not None:
+    return _load_tiny(name, tiny, dtype)
   folder = os.path.expanduser(name)
   is_local = os.path.isdir(folder) or name.startswith((".", "/", "~")) or name.count("/") == 0
   repo = name if not is_local else DEFAULT_VAE
