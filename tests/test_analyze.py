@@ -37,6 +37,23 @@ def test_box_stats_counts_planted_outliers():
   assert s["whiskers"] == [0.0, 1.0]
 
 
+def test_box_stats_kurtosis_and_four_sigma_share_against_closed_forms():
+  # +-1 with probability 1/2 each: mean 0, std 1, kurtosis 1, nothing beyond 4 sigma.
+  s = analyze.box_stats(np.tile([-1.0, 1.0], 500))
+  assert s["kurtosis"] == pytest.approx(1.0) and s["beyond_4_sigma"] == 0.0
+  # n zeros and two values +-a: mean 0, var 2a^2/(n+2), kurtosis (n+2)/2; |a| > 4 std when
+  # (n+2)/2 > 16, i.e. n > 30.
+  n, a = 98, 5.0
+  v = np.concatenate([np.zeros(n), [-a, a]])
+  s = analyze.box_stats(v)
+  assert s["kurtosis"] == pytest.approx((n + 2) / 2)
+  assert s["beyond_4_sigma"] == pytest.approx(2 / (n + 2))
+  g = np.random.default_rng(0).standard_normal(400_000)
+  s = analyze.box_stats(g)
+  assert s["kurtosis"] == pytest.approx(3.0, abs=0.05)
+  assert s["beyond_4_sigma"] == pytest.approx(6.334e-5, abs=4e-5)
+
+
 def test_karras_sigmas():
   s = analyze.karras_sigmas(21)
   assert s[0] == pytest.approx(80.0) and s[-1] == pytest.approx(0.002) and len(s) == 21
