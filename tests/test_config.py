@@ -194,3 +194,17 @@ def test_url_workdirs_and_data_dirs_are_refused_before_anything_is_written(tmp_p
   with pytest.raises(ValueError, match="config.output_dir=s3://b/latents: URLs"):
     jobs.setup_job(enc, "", "encode")
   assert os.listdir(tmp_path) == []
+
+
+def test_latent_demo_trains_on_what_its_encode_config_writes():
+  from configs import demo_latent
+  from configs.encode import demo_latent as encode_demo_latent
+
+  config, encode = demo_latent.get_config(), encode_demo_latent.get_config()
+  schema.check_train(config, 8)
+  schema.check_eval(config, 8)
+  schema.check_encode(encode)
+  assert config.data.dir == encode.output_dir and config.data.autoencoder == encode.autoencoder
+  assert tuple(config.data.latent_shape) == (encode.resolution // 8,) * 2 + (32,)
+  # Scored against the same digits at the resolution the samples decode to.
+  assert config.eval.reference_images == config.data.encode_config
