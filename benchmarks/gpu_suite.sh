@@ -54,6 +54,9 @@ run $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" --dtype=bfloat
   --profile_steps=3 --dump_dir="$OUT" --label=current ||
   run $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" --dtype=bfloat16 --steps=10 \
     --attention=xla --label=current_xla_attention
+# DiT-B/2 (class-conditional ImageNet-256 preset) beside the UNet, bf16 at batch 256 (goal: >= 50 % MFU).
+run $(py) benchmarks.train_step --config="${LCT_SUITE_DIT_CONFIG:-configs/imagenet256_dit.py}" \
+  --batch_size="${LCT_SUITE_DIT_BATCH:-256}" --dtype=bfloat16 --steps=10 --label=current_dit
 # fp32 (TF32) beside bf16, and peak memory at batch 128 in fp32 (issue target: fits 80 GB).
 run $(py) benchmarks.train_step --config="$CFG" --batch_size="$B" --dtype=float32 --steps=5 --label=current
 run $(py) benchmarks.ot --batch_sizes="$B,$((8 * B))" --methods=exact,sinkhorn --scopes=local,global --repeats=10

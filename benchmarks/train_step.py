@@ -44,6 +44,9 @@ _DUMP = flags.DEFINE_string(
   "dump_dir", None, "With --profile_steps: keep the gzipped trace and optimized HLO here."
 )
 _ATTN = flags.DEFINE_string("attention", None, "Override model.attention.")
+_PEAK = flags.DEFINE_float(
+  "peak_tflops", 0.0, "Measured matmul peak (benchmarks.matmul_peak) for the MFU; 0: none."
+)
 _IN_STEP = flags.DEFINE_bool(
   "ot_in_step",
   False,
@@ -137,13 +140,16 @@ def run(
   # small config's dataset would otherwise leave no training steps).
   config.train.total_steps = schema.total_steps(config)
   config.train.global_batch_size = batch_size
-  mesh = mesh_lib.make_mesh(config.mesh.num_devices)
+  mesh = mesh_lib.make_mesh(config.mesh.num_devices, config.mesh.fsdp)
   trainer = config_lib.build_trainer(config, mesh)
   shape = trainer.example_shape
   state = trainer.init_state(jax.random.PRNGKey(0))
   step = trainer.train_step
   x = np.random.default_rng(0).normal(0, 0.5, (batch_size, *shape)).astype(np.float32)
   batch = {"x": jax.device_put(x, mesh_lib.batch_sharding(mesh))}
+  if config.data.num_classes:  # class-conditional: random labels
+    y = np.random.default_rng(1).integers(0, config.data.num_classes, batch_size).astype(np.int32)
+    batch["label"] = jax.device_put(y, mesh_lib.batch_sharding(mesh))
   batches = None
   if trainer.coupling_cost is not None and not ot_in_step:
     batches = coupling.HostCoupledBatches(_SameBatch(batch), trainer.coupling_cost, state.key, mesh)
@@ -204,6 +210,8 @@ def run(
     "pipelined_img_per_s": batch_size / pipelined,
     "flops_per_step": flops,
     "tflops_per_s": flops / median / 1e12 if flops else None,
+    "model": config.model.name if config.model.name != "dit" else f"dit {config.model.dit_size}",
+    "fsdp": config.mesh.fsdp,
     "compile_s": compile_s,
     "peak_memory_bytes": peak_memory_bytes(),
     "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
@@ -235,6 +243,8 @@ def main(argv):
     _LABEL.value,
   )
   result = {"config": config_flags.get_config_filename(flags.FLAGS["config"]), **result}
+  if _PEAK.value > 0 and result["tflops_per_s"]:
+    result.update(peak_tflops=_PEAK.value, mfu=result["tflops_per_s"] / _PEAK.value)
   sys.stdout.write(json.dumps(result) + "\n")
 
 

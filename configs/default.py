@@ -30,10 +30,17 @@ def get_config() -> ml_collections.ConfigDict:
   # Standardize each "element" of the (H, W, C) latent (docs/method.md §3.0, the paper's) or each
   # "channel" as a whole (for pixel-space data; see lct_jax.io.latents.NORMALIZATIONS).
   data.normalization = "element"
+  # Class-conditional training: the number of classes of the encode job's labels (0:
+  # unconditional). Label K = num_classes is the null class of classifier-free guidance.
+  data.num_classes = 0
 
-  # -- model (EDM's DhariwalUNet, docs/method.md section 4.1) --------------------------------------
+  # -- model (EDM's DhariwalUNet, docs/method.md section 4.1; or DiT, section 4.3) -----------------
   config.model = model = ml_collections.ConfigDict()
-  model.name = "dhariwal_unet"
+  model.name = "dhariwal_unet"  # dhariwal_unet | dit
+  model.dit_size = "B/2"  # model.name=dit: S | B | L | XL, then / patch 2 | 4 | 8
+  # Conditional models: the share of rows whose label becomes the null class in a step (the same
+  # for student and teacher), so that one network also learns the unconditional F.
+  model.label_dropout = 0.1
   model.model_channels = 128
   model.channel_mult = (1, 2, 3, 4)
   model.num_blocks = 4
@@ -109,6 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
   ev.batch_size = 256
   ev.seed = 42
   ev.sigma_mid = (0.821,)  # intermediate sigmas for 2-step sampling (docs/method.md section 6.2)
+  # Classifier-free guidance (docs/method.md section 6.3): F_null + s (F_cond - F_null); 1: off.
+  # A guided evaluation counts as 2 NFE.
+  ev.cfg_scale = 1.0
+  ev.class_label = -1  # -1: sample i is of class i mod data.num_classes; else this class
   # Reference statistics for FID: the .npz of `python -m lct_jax.tools.fid_stats` (required;
   # statistics made with other Inception weights or preprocessing are refused).
   ev.reference_stats = ""
@@ -143,6 +154,9 @@ def get_config() -> ml_collections.ConfigDict:
   # -- device mesh --------------------------------------------------------------------------------
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.num_devices = -1  # -1: all devices
+  # Devices the train state (params, EMA, optimizer state) is split over; the batch is split over
+  # all devices (docs/design.md, "Sharding"). 1: the state is replicated.
+  mesh.fsdp = 1
   mesh.distributed = False  # call jax.distributed.initialize() in main (multi-host)
   mesh.coordinator_address = ""  # "" = auto-detect (TPU pods, SLURM); else "host:port"
   mesh.num_processes = -1  # -1 = auto-detect

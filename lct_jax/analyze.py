@@ -244,8 +244,12 @@ def denoiser_from_workdir(workdir: str, step: int = -1) -> tuple[Callable, int, 
   ema = params["ema_params"]
   noise_cfg = config_lib.noise_config(train_config)
 
-  def net(x_in: jax.Array, labels: jax.Array) -> jax.Array:
-    return model.apply({"params": ema}, x_in, labels, train=False)
+  # A class-conditional network is read at its null class: its unconditional F.
+  classes = train_config.data.get("num_classes", 0)
+
+  def net(x_in: jax.Array, noise_labels: jax.Array) -> jax.Array:
+    extra = (jnp.full(x_in.shape[:1], classes, jnp.int32),) if classes else ()
+    return model.apply({"params": ema}, x_in, noise_labels, *extra, train=False)
 
   return (lambda x, sigma: karras.consistency_fn(net, x, sigma, noise_cfg)), step, train_config
 

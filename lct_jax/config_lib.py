@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from lct_jax import schema
 from lct_jax.core import curriculum, karras, ot, train
-from lct_jax.core.models import unet
+from lct_jax.core.models import dit, unet
 
 def noise_config(config: ml_collections.ConfigDict) -> karras.NoiseConfig:
   """The noise constants."""
@@ -57,7 +57,7 @@ def optim_config(config: ml_collections.ConfigDict) -> train.OptimConfig:
   )
 
 
-def build_model(config: ml_collections.ConfigDict) -> unet.DhariwalUNet:
+def build_model(config: ml_collections.ConfigDict) -> unet.DhariwalUNet | dit.DiT:
   """The network of config.model for latents of shape config.data.latent_shape."""
   m = config.model
   if m.name not in schema.MODELS:
@@ -65,10 +65,17 @@ def build_model(config: ml_collections.ConfigDict) -> unet.DhariwalUNet:
       f"config.model.name={m.name!r}: unknown value; expected one of {', '.join(schema.MODELS)}"
     )
   h, _, c = tuple(config.data.latent_shape)
-  return unet.DhariwalUNet(
-    img_resolution=h,
+  common = dict(
     in_channels=c,
     out_channels=c,
+    num_classes=config.data.num_classes,
+    dtype=schema.DTYPES[m.dtype],
+    attention_impl=m.attention,
+  )
+  if m.name == "dit":
+    return dit.DiT(input_size=h, **dit.dit_size(m.dit_size), **common)
+  return unet.DhariwalUNet(
+    img_resolution=h,
     model_channels=m.model_channels,
     channel_mult=tuple(m.channel_mult),
     num_blocks=m.num_blocks,
@@ -76,8 +83,7 @@ def build_model(config: ml_collections.ConfigDict) -> unet.DhariwalUNet:
     dropout=m.dropout,
     final_norm=m.final_norm,
     nsln_everywhere=m.nsln_everywhere,
-    dtype=schema.DTYPES[m.dtype],
-    attention_impl=m.attention,
+    **common,
   )
 
 
@@ -90,7 +96,7 @@ def example_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 class Trainer:
   """The network, optimizer and compiled step of a config on a mesh (what the jobs drive)."""
 
-  model: unet.DhariwalUNet
+  model: unet.DhariwalUNet | dit.DiT
   tx: optax.GradientTransformation
   lr_schedule: optax.Schedule
   train_step: Callable
@@ -126,6 +132,8 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     mesh,
     microbatches=config.train.microbatches,
     max_nonfinite_streak=config.train.max_consecutive_nonfinite,
+    label_dropout=config.model.label_dropout if config.data.num_classes else 0.0,
+    state_sharding=train.state_shardings(model, tx, example_shape(config), mesh),
   )
   cost = train.make_coupling_cost(ot_cfg, mesh) if ot_cfg.method == "exact" else None
   return Trainer(model, tx, schedule, step, mesh, example_shape(config), cost)

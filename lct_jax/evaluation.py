@@ -92,6 +92,8 @@ class ImageGenerator:
       config_lib.example_shape(config),
       mesh,
       spec.sigma_mids,
+      spec.cfg_scale,
+      config.eval.class_label,
     )
     sigma_data = config.data.sigma_data
 
@@ -100,7 +102,8 @@ class ImageGenerator:
       return ae_lib.images_to_uint8(ae.decode_fn(ae_params, z))
 
     data, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-    self._fn = jax.jit(generate, in_shardings=(repl, repl, repl, data), out_shardings=data)
+    # Params keep the sharding they come in (the train state's: replicated or split over fsdp).
+    self._fn = jax.jit(generate, in_shardings=(None, repl, repl, data), out_shardings=data)
     self._ae_params = jax.device_put(ae.params, repl)
     self._key = jax.device_put(jax.random.PRNGKey(config.eval.seed), repl)
 
@@ -116,7 +119,7 @@ def generate_images(
 
   Args:
     generator: the sampler + decoder.
-    params: EMA params (replicated on the generator's mesh).
+    params: EMA params (on the generator's mesh, in any sharding).
     start, stop: the index range.
     batch_size: global batch (a multiple of the mesh size); the last batch is padded.
 
@@ -180,7 +183,8 @@ def _broadcast(values: list[int]) -> list[int]:
 
 
 def abstract_ema(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh) -> dict:
-  """{"ema_params", "step"} of the saved TrainState as abstract arrays, replicated on `mesh`."""
+  """{"ema_params", "step"} of the saved TrainState as abstract arrays, sharded on `mesh` as the
+  train state is (mesh.fsdp)."""
   tx, _ = train.make_optimizer(config_lib.optim_config(config))
   state = train.abstract_train_state(model, tx, config_lib.example_shape(config), mesh)
   return {"ema_params": state.ema_params, "step": state.step}
@@ -336,8 +340,11 @@ def follow_run(job: _Job) -> list[dict[str, Any]]:
 
 def format_result(result: dict[str, Any]) -> str:
   """One line for a result: sampler, FID, precision/recall, sample and reference counts."""
-  nfe = result["nfe"]
-  sampler = "1 NFE" if nfe == 1 else f"{nfe} NFE (sigma_mid {result['sigma_mid']:g})"
+  sampler = f"{result['nfe']} NFE"
+  if result.get("sigma_mid") is not None:
+    sampler += f" (sigma_mid {result['sigma_mid']:g})"
+  if result.get("cfg_scale", 1) != 1:
+    sampler += f", guidance {result['cfg_scale']:g}"
   pr = ""
   if result.get("precision") is not None:
     pr = f", precision {result['precision']:.3f}, recall {result['recall']:.3f}"
@@ -397,7 +404,7 @@ def evaluate(
   scorer = scoring.build_scorer(config, workdir, mesh, ae)
   generators = build_generators(config, mesh, ae, setup.latent_stats)
   abstract = abstract_ema(config, generators.model, mesh)
-  specs = sampling.sweep(config.eval.sigma_mid)
+  specs = sampling.sweep(config.eval.sigma_mid, config.eval.cfg_scale)
   job = _Job(scorer, generators, reader, abstract, specs)
   step = None if follow else checkpoint_to_score(config, reader)  # before the events file opens
   scorer.open_writer()

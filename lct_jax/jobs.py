@@ -67,7 +67,7 @@ def setup_job(
   schema.check_local_path("config.data.dir", config.data.dir)
   if mesh is None:
     _start_distributed(config.mesh)
-    mesh = mesh_lib.make_mesh(config.mesh.num_devices)
+    mesh = mesh_lib.make_mesh(config.mesh.num_devices, config.mesh.fsdp)
   checks = schema.Checks()
   # The eval job may run on another device count than the training: no batch divisibility.
   schema.check_train(config, mesh.size if job == "train" else None, checks)

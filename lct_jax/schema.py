@@ -20,11 +20,11 @@ import ml_collections
 
 from lct_jax import image_files
 from lct_jax.core import curriculum, ot, sampling
-from lct_jax.core.models import layers
+from lct_jax.core.models import dit, layers
 from lct_jax.fid import reference
 from lct_jax.io import image_sources, latents
 
-MODELS = ("dhariwal_unet",)
+MODELS = ("dhariwal_unet", "dit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -159,7 +159,11 @@ def _train_checks(config, checks: Checks, num_devices: int | None) -> None:
     checks.at_least(config, key, 1, "must be at least 1")
   checks.at_least(config, "ckpt.keep", 1, "must be at least 1 (the newest checkpoints kept)")
   _batch_checks(config, checks, num_devices)
-  _network_checks(config, checks)
+  if config.model.name == "dit":
+    _dit_checks(config, checks)
+  else:
+    _network_checks(config, checks)
+  _class_checks(config, checks)
   for s in config.eval.sigma_mid:
     if not lct.sigma_min < s < lct.sigma_max:
       fail(
@@ -176,6 +180,9 @@ def _batch_checks(config, checks: Checks, num_devices: int | None) -> None:
       grid,
       f"must be a positive multiple of the {num_devices} devices (train.sample_every_steps > 0)",
     )
+  fsdp = config.mesh.fsdp
+  if fsdp < 1 or (num_devices and num_devices % fsdp):
+    fail("mesh.fsdp", fsdp, f"must be >= 1 and divide the {num_devices} devices")
   batch = config.train.global_batch_size
   if batch < 1:
     fail("train.global_batch_size", batch, "must be positive")
@@ -215,6 +222,42 @@ def _network_checks(config, checks: Checks) -> None:
     )
 
 
+def _dit_checks(config, checks: Checks) -> None:
+  shape = tuple(config.data.latent_shape)
+  try:
+    size = dit.dit_size(config.model.dit_size)
+  except ValueError as e:
+    checks.fail("model.dit_size", config.model.dit_size, str(e))
+    return
+  p = size["patch_size"]
+  if len(shape) != 3 or shape[0] != shape[1] or shape[0] % p:
+    checks.fail(
+      "data.latent_shape", shape, f"must be (H, H, C) with H divisible by the patch size {p}"
+    )
+
+
+def _class_checks(config, checks: Checks) -> None:
+  """data.num_classes, model.label_dropout and the guidance keys of sampling."""
+  fail = checks.fail
+  classes = config.data.num_classes
+  if not isinstance(classes, int) or classes < 0:
+    fail("data.num_classes", classes, "must be an integer >= 0 (0: unconditional)")
+    return
+  if not 0 <= config.model.label_dropout < 1:
+    fail("model.label_dropout", config.model.label_dropout, "must lie in [0, 1)")
+  ev = config.eval
+  if not ev.cfg_scale >= 0:
+    fail("eval.cfg_scale", ev.cfg_scale, "must be >= 0 (1: no guidance)")
+  elif ev.cfg_scale != 1 and classes == 0:
+    fail("eval.cfg_scale", ev.cfg_scale, "guidance needs a conditional model (data.num_classes)")
+  if not -1 <= ev.class_label < max(classes, 1) or (ev.class_label >= 0 and classes == 0):
+    fail(
+      "eval.class_label",
+      ev.class_label,
+      f"must be -1 (every class in turn) or a class in [0, data.num_classes={classes})",
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation.
 
@@ -239,7 +282,7 @@ def _eval_checks(config, checks: Checks, num_devices: int) -> None:
   checks.at_least(
     config, "eval.best_of_last", 1, "must be >= 1 (the final checkpoint alone: 1)"
   )
-  names = [spec.name for spec in sampling.sweep(ev.sigma_mid)]
+  names = [spec.name for spec in sampling.sweep(ev.sigma_mid, ev.cfg_scale)]
   if len(set(names)) < len(names):  # one result file each: two would overwrite each other
     fail(
       "eval.sigma_mid",

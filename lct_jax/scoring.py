@@ -115,7 +115,7 @@ class Scorer:
     self._nets = {}  # name -> (jitted apply, replicated variables)
     for name, net in (("fid", self.fid_model), ("pr", self.pr_model)):
       if net is not None:
-        apply = net.batch_apply(self.mesh.shape[mesh_lib.DATA_AXIS]) if name == "fid" else net.apply
+        apply = net.batch_apply(self.mesh.size) if name == "fid" else net.apply
         fn = jax.jit(apply, in_shardings=(repl, data), out_shardings=data)
         self._nets[name] = (fn, jax.device_put(net.variables, repl))
 
@@ -263,7 +263,8 @@ class Scorer:
     if jax.process_index() == 0:
       if grid is not None:
         grid_path = os.path.join(self.out_dir(step), f"{name}_grid.png")
-        summaries.save_png(grid_path, summaries.image_grid(grid))
+        image = summaries.sample_grid(grid, self.config.data.num_classes, ev.class_label)
+        summaries.save_png(grid_path, image)
       self.writer.write_scalars(step, scalars)
       self.writer.flush()
       npz_io.save_json_atomic(self.result_path(step, name), result)  # last: the done marker

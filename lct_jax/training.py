@@ -65,7 +65,7 @@ def write_sample_grid(step, state, sampler, ae, stats, config, mesh, writer, wor
   x = sampler(state.ema_params, jax.random.PRNGKey(config.eval.seed), idx)
   x = np.asarray(jax.device_get(jax.experimental.multihost_utils.process_allgather(x, tiled=True)))
   images = np.asarray(ae.decode(latents.denormalize(x, stats, config.data.sigma_data)))
-  grid = summaries.image_grid(images)
+  grid = summaries.sample_grid(images, config.data.num_classes)
   writer.write_images(step, {"samples_1step": grid[None]})
   if jax.process_index() == 0:
     summaries.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
@@ -95,6 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
     use_flipped=config.data.use_flipped,
     latent=config.data.latent,
     num_examples=config.data.num_examples if config.train.total_steps <= 0 else None,
+    num_classes=config.data.num_classes,
   )
   batches = input_pipeline.GlobalBatches(loader, mesh, worker_count=config.data.worker_count)
   epoch_examples = len(latent_dataset.LatentMomentsSource(data_dir, config.data.use_flipped))

@@ -24,7 +24,7 @@ from lct_jax.core import ot
     ("lct.c_schedule", "cosine", None),
     ("model.final_norm", "batch", None),
     ("model.attention", "flash", None),
-    ("model.name", "dit", None),
+    ("model.name", "vit", None),
     ("data.latent", "draw", None),
     ("lct.s1", 5, None),  # s1 < s0
     ("lct.c_constant", -0.01, None),

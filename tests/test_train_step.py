@@ -413,7 +413,7 @@ def test_step_against_float64_numpy():
   num_scales = 9
   c = np.exp(-1.15 * np.log(num_scales - 1) - 0.85)  # adaptive c, second stage
 
-  noise, (k_index, _, _) = train.step_noise(key, k, x.shape, mesh_lib.batch_sharding(mesh))
+  noise, (k_index, *_) = train.step_noise(key, k, x.shape, mesh_lib.batch_sharding(mesh))
   i = np.asarray(curriculum.sample_intervals(k_index, num_scales, batch, cfg), np.int64)
   n = np.asarray(noise, np.float64)
   cost = ((x.reshape(batch, 1, -1) - n.reshape(1, batch, -1)) ** 2).sum(-1)

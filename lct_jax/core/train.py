@@ -144,7 +144,7 @@ def create_train_state(
   example_shape: tuple[int, ...],
   mesh: Mesh,
 ) -> TrainState:
-  """Initializes the state directly into its (replicated) sharding.
+  """Initializes the state directly into its sharding (`state_shardings`).
 
   Args:
     model: the network F(x, noise_labels, train=...).
@@ -157,7 +157,15 @@ def create_train_state(
     The initial TrainState with EMA params equal to the params.
   """
   init = _state_initializer(model, tx, example_shape)
-  return jax.jit(init, out_shardings=mesh_lib.replicated(mesh))(key)
+  return jax.jit(init, out_shardings=state_shardings(model, tx, example_shape, mesh))(key)
+
+
+def state_shardings(
+  model: nn.Module, tx: optax.GradientTransformation, example_shape: tuple[int, ...], mesh: Mesh
+) -> TrainState:
+  """The sharding of every array of the state: split over "fsdp" (mesh.state_sharding)."""
+  shapes = jax.eval_shape(_state_initializer(model, tx, example_shape), jax.random.PRNGKey(0))
+  return mesh_lib.state_sharding(mesh, shapes)
 
 
 def abstract_train_state(
@@ -165,15 +173,25 @@ def abstract_train_state(
 ) -> TrainState:
   """The state's shapes and dtypes carrying their shardings, for an orbax restore onto `mesh`."""
   shapes = jax.eval_shape(_state_initializer(model, tx, example_shape), jax.random.PRNGKey(0))
-  sharding = mesh_lib.replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+    shapes,
+    mesh_lib.state_sharding(mesh, shapes),
+  )
+
+
+def example_labels(model: nn.Module, batch: int) -> jax.Array | None:
+  """Class labels to call `model` with when none matter (init, shapes): None if unconditional."""
+  return jnp.zeros((batch,), jnp.int32) if getattr(model, "num_classes", 0) else None
 
 
 def _state_initializer(model, tx, example_shape) -> Callable[[jax.Array], TrainState]:
   def init(key):
     init_key, train_key = jax.random.split(key)
     x = jnp.zeros((1, *example_shape), jnp.float32)
-    params = model.init({"params": init_key}, x, jnp.zeros((1,)), train=False)["params"]
+    labels = example_labels(model, 1)
+    extra = () if labels is None else (labels,)
+    params = model.init({"params": init_key}, x, jnp.zeros((1,)), *extra, train=False)["params"]
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -189,14 +207,17 @@ def _state_initializer(model, tx, example_shape) -> Callable[[jax.Array], TrainS
 
 
 def step_noise(key: jax.Array, step: jax.Array, shape, data_sharding) -> tuple[jax.Array, tuple]:
-  """The uncoupled noise of step `step` and the step's other keys (index, OT, dropout).
+  """The uncoupled noise of step `step` and the step's other keys (index, OT, dropout, label).
 
   All randomness of a step comes from fold_in(key, step), so the noise can also be drawn outside
-  the step (`make_coupling_cost`) and is the same there.
+  the step (`make_coupling_cost`) and is the same there. The label-dropout key is
+  fold_in(fold_in(key, step), 4), beside the four keys split from fold_in(key, step).
   """
-  k_noise, k_index, k_ot, k_dropout = jax.random.split(jax.random.fold_in(key, step), 4)
+  base = jax.random.fold_in(key, step)
+  k_noise, k_index, k_ot, k_dropout = jax.random.split(base, 4)
   noise = jax.random.normal(k_noise, shape, jnp.float32)
-  return jax.lax.with_sharding_constraint(noise, data_sharding), (k_index, k_ot, k_dropout)
+  keys = (k_index, k_ot, k_dropout, jax.random.fold_in(base, 4))
+  return jax.lax.with_sharding_constraint(noise, data_sharding), keys
 
 
 def make_coupling_cost(
@@ -243,10 +264,17 @@ def make_coupling_cost(
   )
 
 
+class LabelConfig(NamedTuple):
+  """Class conditioning of a step: the number of classes (0: none) and the label dropout."""
+
+  num_classes: int = 0
+  dropout: float = 0.0
+
+
 class _StepInputs(NamedTuple):
   """What a step draws before its loss, for the whole global batch."""
 
-  per_sample: dict  # x, noise (coupled), sigma, sigma_next, mask: (B, ...) each
+  per_sample: dict  # x, noise (coupled), sigma, sigma_next, mask[, label]: (B, ...) each
   dropout_key: jax.Array
   num_scales: jax.Array
   c: jax.Array
@@ -260,16 +288,21 @@ def _step_inputs(
   cfg: curriculum.CurriculumConfig,
   ot_cfg: ot.OTConfig,
   mesh: Mesh,
+  labels: "LabelConfig",
 ) -> _StepInputs:
   """Draws the step's noise and couples it to the batch; samples intervals, sigmas and the mask.
 
   A batch that carries `batch["ot_perm"]` (solved outside the step by `make_coupling_cost`) has
-  that coupling applied; otherwise the coupling is solved here.
+  that coupling applied; otherwise the coupling is solved here. A conditional model's labels
+  `batch["label"]` become the null class with probability `labels.dropout`, row by row; the
+  student and the teacher both see the result.
   """
   data_sharding = mesh_lib.batch_sharding(mesh)
   x = batch["x"].astype(jnp.float32)
   batch_size = x.shape[0]
-  noise, (k_index, k_ot, k_dropout) = step_noise(state.key, state.step, x.shape, data_sharding)
+  noise, (k_index, k_ot, k_dropout, k_label) = step_noise(
+    state.key, state.step, x.shape, data_sharding
+  )
 
   n_scales = curriculum.num_scales(state.step, cfg)
   c = curriculum.scale_c(n_scales, cfg)
@@ -283,10 +316,19 @@ def _step_inputs(
   sigma = karras.karras_sigma(i, n_scales, cfg.noise)
   sigma_next = karras.karras_sigma(i + 1, n_scales, cfg.noise)
   mask = curriculum.diffusion_mask(i, n_scales, cfg)
+  per_sample = dict(x=x, noise=noise, sigma=sigma, sigma_next=sigma_next, mask=mask)
+  if labels.num_classes:
+    if "label" not in batch:
+      raise ValueError(
+        f"a class-conditional model (data.num_classes={labels.num_classes}) needs batch['label']"
+      )
+    drop = jax.random.bernoulli(k_label, labels.dropout, (batch_size,))
+    y = jnp.where(drop, labels.num_classes, batch["label"].astype(jnp.int32))
+    per_sample["label"] = jax.lax.with_sharding_constraint(y, data_sharding)
   # The loss is a sum of per-sample terms over the global batch: CT terms / B plus the masked
   # diffusion terms / (global count of masked samples). Microbatches then add up exactly.
   return _StepInputs(
-    per_sample=dict(x=x, noise=noise, sigma=sigma, sigma_next=sigma_next, mask=mask),
+    per_sample=per_sample,
     dropout_key=k_dropout,
     num_scales=n_scales,
     c=c,
@@ -296,12 +338,21 @@ def _step_inputs(
 
 
 def _denoiser(
-  model: nn.Module, params: Any, dropout_key: jax.Array, noise_cfg: karras.NoiseConfig
+  model: nn.Module,
+  params: Any,
+  dropout_key: jax.Array,
+  noise_cfg: karras.NoiseConfig,
+  class_labels: jax.Array | None,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """The consistency function f(x, sigma) of `model` with `params`, in training mode."""
 
-  def net(x_in, labels):
-    return model.apply({"params": params}, x_in, labels, train=True, rngs={"dropout": dropout_key})
+  # An unconditional network is called without labels (its call may take only (x, noise)).
+  extra = () if class_labels is None else (class_labels,)
+
+  def net(x_in, noise_labels):
+    return model.apply(
+      {"params": params}, x_in, noise_labels, *extra, train=True, rngs={"dropout": dropout_key}
+    )
 
   return lambda x, sigma: karras.consistency_fn(net, x, sigma, noise_cfg)
 
@@ -319,7 +370,8 @@ def _make_micro_loss(
   def micro_loss(params, mb):
     bcast = (mb["x"].shape[0],) + (1,) * (mb["x"].ndim - 1)
     # Student and teacher share the dropout key (iCT); each microbatch gets its own.
-    f = _denoiser(model, params, jax.random.fold_in(inputs.dropout_key, mb["micro"]), cfg.noise)
+    key = jax.random.fold_in(inputs.dropout_key, mb["micro"])
+    f = _denoiser(model, params, key, cfg.noise, mb.get("label"))
     x_next = mb["x"] + mb["sigma_next"].reshape(bcast) * mb["noise"]
     teacher = jax.lax.stop_gradient(f(x_next, mb["sigma_next"]))
     student = f(mb["x"] + mb["sigma"].reshape(bcast) * mb["noise"], mb["sigma"])
@@ -468,6 +520,8 @@ def make_train_step(
   mesh: Mesh,
   microbatches: int = 1,
   max_nonfinite_streak: int = 0,
+  label_dropout: float = 0.0,
+  state_sharding: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)`, jitted over `mesh`, state donated.
 
@@ -478,7 +532,10 @@ def make_train_step(
   `batch["x"]` holds normalized latents (B, H, W, C), sharded along B over the "data" axis; an
   optional `batch["ot_perm"]` (B,) int32 is the noise's coupling solved outside the step (see
   `make_coupling_cost`, `ot.apply_permutation`), which the step then applies instead of solving
-  it. The teacher is the same params under stop_gradient, with the student's dropout key. A step
+  it. A class-conditional model (`model.num_classes` > 0) reads `batch["label"]` (B,) int32 and
+  trains with `label_dropout` (docs/method.md §4.4). The teacher is the same params under
+  stop_gradient, with the student's dropout key and labels. `state_sharding` is the state's
+  sharding (`state_shardings`; None: replicated). A step
   whose loss or gradient is not finite leaves params, EMA and optimizer state unchanged and is
   counted in `state.nonfinite_steps`; the step counter advances either way. Once
   `max_nonfinite_streak` (> 0) steps in a row were skipped, the run is halted on the device: every
@@ -487,7 +544,7 @@ def make_train_step(
   """
 
   def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    inputs = _step_inputs(state, batch, cfg, ot_cfg, mesh)
+    inputs = _step_inputs(state, batch, cfg, ot_cfg, mesh, labels)
     micro_loss = _make_micro_loss(model, cfg, inputs)
     (loss, (ct, diff)), grads = _accumulate_grads(
       micro_loss, state.params, inputs.per_sample, microbatches
@@ -501,10 +558,12 @@ def make_train_step(
     )
     return new_state, metrics
 
+  labels = LabelConfig(getattr(model, "num_classes", 0), label_dropout)
   replicated = mesh_lib.replicated(mesh)
+  state_sh = replicated if state_sharding is None else state_sharding
   return jax.jit(
     step_fn,
-    in_shardings=(replicated, mesh_lib.batch_sharding(mesh)),
-    out_shardings=(replicated, replicated),
+    in_shardings=(state_sh, mesh_lib.batch_sharding(mesh)),
+    out_shardings=(state_sh, replicated),
     donate_argnums=0,
   )

@@ -36,7 +36,8 @@ _FIELDS = {"sample": ("sample",), "mean": ("mean",), "fresh": ("mean", "std")}
 
 
 class ReadTrainingBatch(grain.transforms.MapWithIndex):
-  """Element s of this process -> {"x": the normalized training latents of its rows}.
+  """Element s of this process -> {"x": the normalized training latents of its rows} (and
+  "label": their int32 class labels when `num_classes` > 0).
 
   The stream is the dataset's examples in a fresh random order each epoch (epoch e: the
   permutation of a generator seeded by (seed, shuffle, e)), epochs back to back; element s of
@@ -59,8 +60,10 @@ class ReadTrainingBatch(grain.transforms.MapWithIndex):
     seed: int,
     process_index: int,
     process_count: int,
+    num_classes: int = 0,
   ):
     self.source = source
+    self.num_classes = num_classes
     self.stats = stats
     self.rows = rows
     self.sigma_data = sigma_data
@@ -88,7 +91,7 @@ class ReadTrainingBatch(grain.transforms.MapWithIndex):
       at = epochs == e
       indices[at] = self.epoch_order(int(e))[offsets[at]]
     keys = _FIELDS[self.latent]
-    m = self.source.read_moments(indices, keys)
+    m = self.source.read_moments(indices, keys, labels=self.num_classes > 0)
     z = m[keys[0]]
     if self.latent == "fresh":
       shape = z.shape[1:]
@@ -99,7 +102,26 @@ class ReadTrainingBatch(grain.transforms.MapWithIndex):
         ]
       )
       z = z + m["std"] * eps
-    return {"x": np.asarray(latents.normalize(z, self.stats, self.sigma_data), np.float32)}
+    out = {"x": np.asarray(latents.normalize(z, self.stats, self.sigma_data), np.float32)}
+    if self.num_classes:
+      out["label"] = self._checked_labels(m["label"], indices)
+    return out
+
+  def _checked_labels(self, labels: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    bad = (labels < 0) | (labels >= self.num_classes)
+    if bad.any():
+      j = int(np.argmax(bad))
+      raise ValueError(
+        f"data.num_classes={self.num_classes}, but example {int(indices[j])} of "
+        f"{self.source.folder} has label {int(labels[j])}"
+        + (
+          ": the dataset has no labels (encode with label_key, labels_from_subdirs or a "
+          "labelled source), or set data.num_classes=0"
+          if labels[j] < 0
+          else ""
+        )
+      )
+    return labels.astype(np.int32)
 
 
 def make_loader(
@@ -114,6 +136,7 @@ def make_loader(
   num_examples: int | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
+  num_classes: int = 0,
 ) -> grain.MapDataset:
   """This process's rows of every global batch: element s holds rows [p*B/P, (p+1)*B/P) of batch s.
 
@@ -131,9 +154,10 @@ def make_loader(
       (originals and flips with use_flipped). None skips the check (K given directly).
     process_index: p; defaults to jax.process_index().
     process_count: P; defaults to jax.process_count().
+    num_classes: K > 0 also reads the rows' labels, which must lie in [0, K) (data.num_classes).
 
   Returns:
-    An infinite grain MapDataset of {"x": float32 (B/P, H, W, C)}.
+    An infinite grain MapDataset of {"x": float32 (B/P, H, W, C)} (and "label": int32 (B/P,)).
 
   Raises:
     ValueError: naming data.dir / train.global_batch_size / data.latent / data.num_examples for
@@ -176,6 +200,7 @@ def make_loader(
     seed=seed,
     process_index=p,
     process_count=count,
+    num_classes=num_classes,
   )
   # An endless stream of element numbers s; the transform turns each into its rows.
   ds = grain.MapDataset.range(sys.maxsize)

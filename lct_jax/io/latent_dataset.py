@@ -275,9 +275,12 @@ class LatentMomentsSource:
   def latent_shape(self) -> tuple[int, ...]:
     return tuple(self._open().dataset_info.features["mean"].shape)
 
-  def read_moments(self, indices: Sequence[int], keys: Sequence[str]) -> dict[str, np.ndarray]:
+  def read_moments(
+    self, indices: Sequence[int], keys: Sequence[str], labels: bool = False
+  ) -> dict[str, np.ndarray]:
     """Rows `indices` stacked: {key: float32 (n, H, W, C)} for each of `keys` ("mean", "std",
-    "sample"; a flipped copy's row holds its flipped_* fields).
+    "sample"; a flipped copy's row holds its flipped_* fields), and with `labels` also
+    "label": int64 (n,) (-1 where the source had none).
 
     The training input pipeline's batched read: it parses only the fields it needs straight from
     the serialized tf.Example (float lists), which is several times faster than TFDS's generic
@@ -288,6 +291,8 @@ class LatentMomentsSource:
     records = self._open().data_source
     shape = self.latent_shape
     out = {k: np.empty((len(indices), *shape), np.float32) for k in keys}
+    if labels:
+      out["label"] = np.empty((len(indices),), np.int64)
     size = int(np.prod(shape))
     for row, i in enumerate(indices):
       i = int(i)
@@ -303,6 +308,8 @@ class LatentMomentsSource:
             f"for its declared shape {shape}: not written by lct_jax's encode job?"
           )
         out[k][row] = np.asarray(values, np.float32).reshape(shape)
+      if labels:
+        out["label"][row] = feature["label"].int64_list.value[0]
     return out
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:

@@ -113,6 +113,22 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
   return grid
 
 
+def sample_grid(images: np.ndarray, num_classes: int = 0, class_label: int = -1) -> np.ndarray:
+  """The grid of samples 0..N-1: one row per class when sample i is of class i mod num_classes.
+
+  Row r of a class-conditional grid holds samples r, r + K, r + 2K, ... (all of class r); the
+  samples past the last multiple of K are left out. Otherwise (unconditional, one chosen class,
+  or fewer samples than classes) it is `image_grid` of the samples in order.
+  """
+  images = np.asarray(images)
+  n = len(images)
+  if num_classes < 1 or class_label >= 0 or n < num_classes:
+    return image_grid(images)
+  per_class = n // num_classes
+  rows = images[: per_class * num_classes].reshape(per_class, num_classes, *images.shape[1:])
+  return image_grid(rows.swapaxes(0, 1).reshape(-1, *images.shape[1:]), columns=per_class)
+
+
 def save_png(path: str, image: np.ndarray) -> None:
   """Writes a uint8 (H, W, 3) image as PNG (atomic rename)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)

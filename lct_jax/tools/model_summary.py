@@ -12,6 +12,7 @@ from clu import parameter_overview
 from ml_collections import config_flags
 
 from lct_jax import config_lib, schema
+from lct_jax.core import train
 from lct_jax.io import job_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -21,8 +22,10 @@ def param_shapes(config):
   """The parameter pytree of config.model as ShapeDtypeStructs."""
   model = config_lib.build_model(config)
   x = jnp.zeros((1, *config_lib.example_shape(config)), jnp.float32)
+  labels = train.example_labels(model, 1)
   variables = jax.eval_shape(
-    lambda k: model.init({"params": k}, x, jnp.zeros((1,)), train=False), jax.random.PRNGKey(0)
+    lambda k: model.init({"params": k}, x, jnp.zeros((1,)), labels, train=False),
+    jax.random.PRNGKey(0),
   )
   return variables["params"]
 

@@ -9,7 +9,8 @@ parameter for parameter the same as its counterpart in EDM (Karras et al. 2022):
   (docs/method.md §3.6; with `use_scale=True` it is the scaled LayerNorm over (H, W, C)), and
   the selection helper `make_norm`,
 * multi-head self-attention (`attention_op`, `SelfAttention`),
-* the sinusoidal noise embedding (`positional_embedding`),
+* the sinusoidal noise embedding (`positional_embedding`) and the class-label table
+  (`LabelEmbedding`, shared with the DiT),
 * the residual block `UNetBlock`.
 
 Layout is NHWC, convolution kernels are HWIO, dense kernels are (in, out). Parameters are always
@@ -313,6 +314,38 @@ def positional_embedding(
   freqs = (1.0 / max_positions) ** freqs
   arg = x.astype(jnp.float32)[:, None] * freqs[None, :]
   return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=1)
+
+
+class LabelEmbedding(nn.Module):
+  """Adds the row of each class label to a conditioning vector (docs/method.md §4.4).
+
+  `num_classes` = 0: no table; the labels must be None and the vector is returned as it is.
+  K > 0: a float32 table `embedding` of K + 1 rows (row K is the null class of classifier-free
+  guidance), initialised normal(0, `init_std`); the labels (B,) int32 in [0, K] are required.
+  """
+
+  num_classes: int
+  features: int
+  init_std: float
+
+  @nn.compact
+  def __call__(self, labels: jax.Array | None, emb: jax.Array) -> jax.Array:
+    """Args: labels (B,) or None; emb (B, features). Returns: emb + table[labels]."""
+    if self.num_classes == 0:
+      if labels is not None:
+        raise ValueError("class labels given to an unconditional network (num_classes=0)")
+      return emb
+    if labels is None:
+      raise ValueError(
+        f"a class-conditional network (num_classes={self.num_classes}) needs class labels"
+      )
+    table = self.param(
+      "embedding",
+      nn.initializers.normal(self.init_std),
+      (self.num_classes + 1, self.features),
+      jnp.float32,
+    )
+    return emb + jnp.take(table, labels, axis=0).astype(emb.dtype)
 
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")

@@ -1,12 +1,15 @@
-"""EDM's ADM re-implementation `DhariwalUNet` (Karras et al. 2022) in Flax Linen, unconditional.
+"""EDM's ADM re-implementation `DhariwalUNet` (Karras et al. 2022) in Flax Linen.
 
-This module owns the network used for all paper results (docs/method.md §4.1). At the same
-configuration it has exactly the parameters of EDM's `training/networks.py::DhariwalUNet` (no
-label or augmentation embedding). The intended differences are:
+This module owns the network used for all paper results (docs/method.md §4.1). Unconditional, it
+has exactly the parameters of EDM's `training/networks.py::DhariwalUNet` without label or
+augmentation embedding. The intended differences are:
 
 * the switchable final norm: EDM GroupNorm, LayerNorm or the paper's Non-scaling LayerNorm over
   (H, W, C) (docs/method.md §3.6);
-* the `nsln_everywhere` ablation.
+* the `nsln_everywhere` ablation;
+* class conditioning (docs/method.md §4.4) by a table of num_classes + 1 rows (`map_label`, the
+  last row the null class), added where EDM adds its label term; EDM's null label is the zero
+  vector instead.
 
 Submodule names follow EDM's (`enc_32x32_block0`, `dec_4x4_in0`, `map_layer0`, `out_norm`, ...),
 with '.' replaced by '_'.
@@ -22,11 +25,16 @@ import jax.numpy as jnp
 from lct_jax.core.models.layers import (
   NORM_KINDS,
   Conv2d,
+  LabelEmbedding,
   Linear,
   UNetBlock,
   make_norm,
   positional_embedding,
 )
+
+# EDM's label map (kaiming-normal, init_weight sqrt(label_dim), on one-hot labels) gives every
+# entry of a class's row a standard normal start.
+LABEL_INIT_STD = 1.0
 
 
 class DhariwalUNet(nn.Module):
@@ -45,6 +53,7 @@ class DhariwalUNet(nn.Module):
     nsln_everywhere: ablation; every inner GroupNorm becomes an NsLN over (H, W, C) too.
     dtype: computation dtype; params are always float32 and the output is float32.
     attention_impl: "auto" | "xla" | "cudnn" (layers.attention_op).
+    num_classes: 0 (unconditional) or K > 0: labels 0..K-1 and the null class K.
   """
 
   img_resolution: int
@@ -59,14 +68,24 @@ class DhariwalUNet(nn.Module):
   nsln_everywhere: bool = False
   dtype: Any = jnp.float32
   attention_impl: str = "auto"
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, x: jax.Array, noise_labels: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    noise_labels: jax.Array,
+    class_labels: jax.Array | None = None,
+    *,
+    train: bool,
+  ) -> jax.Array:
     """Apply the network.
 
     Args:
       x: (B, H, W, C) NHWC input, H == W == img_resolution, C == in_channels.
       noise_labels: (B,) c_noise(sigma) (already 250 * ln sigma).
+      class_labels: (B,) int32 in [0, num_classes] (num_classes: the null class); required
+        exactly when num_classes > 0.
       train: enables dropout, which draws from the 'dropout' rng collection, so two calls given
         the same 'dropout' key get identical masks (student and teacher share dropout).
 
@@ -88,12 +107,13 @@ class DhariwalUNet(nn.Module):
     )
     conv = functools.partial(Conv2d, dtype=self.dtype)
 
-    # Mapping: Linear -> SiLU -> Linear -> SiLU (EDM applies the second SiLU after the optional
-    # label term, which this unconditional network does not have).
+    # Mapping: Linear -> SiLU -> Linear [+ label row] -> SiLU (EDM's order).
     emb_channels = 4 * self.model_channels
     emb = positional_embedding(noise_labels, self.model_channels)
     emb = nn.silu(Linear(emb_channels, dtype=self.dtype, name="map_layer0")(emb))
-    emb = nn.silu(Linear(emb_channels, dtype=self.dtype, name="map_layer1")(emb))
+    emb = Linear(emb_channels, dtype=self.dtype, name="map_layer1")(emb)
+    label_emb = LabelEmbedding(self.num_classes, emb_channels, LABEL_INIT_STD, name="map_label")
+    emb = nn.silu(label_emb(class_labels, emb))
 
     # Encoder: every output (the stem conv and every block) is kept as a skip.
     skips = []
