@@ -48,3 +48,13 @@ def get_config():
   config.eval.grid_samples = 100
   encode_config.set_default_reference(config.eval, "configs/encode/demo.py", "mnist_demo_32")
   return config
+
+
+def get_config_2000_steps_of_32():
+  """The demo at 2,000 steps of 32: the length of the derived demos' measured runs."""
+  config = get_config()
+  config.train.global_batch_size = 32
+  config.train.total_steps = 2_000
+  config.train.sample_every_steps = 500
+  config.ckpt.every_steps = 500
+  return config

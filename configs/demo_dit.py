@@ -14,12 +14,8 @@ from configs import demo
 
 
 def get_config():
-  config = demo.get_config()
   # 2,000 steps of 32, the run its README figures describe (configs/demo.py trains 8,000 of 8).
-  config.train.global_batch_size = 32
-  config.train.total_steps = 2_000
-  config.train.sample_every_steps = 500
-  config.ckpt.every_steps = 500
+  config = demo.get_config_2000_steps_of_32()
   config.model.name = "dit"
   config.model.dit_size = "128x4x4/2"
   config.model.label_dropout = 0.1

@@ -12,12 +12,8 @@ from lct_jax.io import encode_config
 
 
 def get_config():
-  config = demo.get_config()
   # 2,000 steps of 32, the run its README figures describe (configs/demo.py trains 8,000 of 8).
-  config.train.global_batch_size = 32
-  config.train.total_steps = 2_000
-  config.train.sample_every_steps = 500
-  config.ckpt.every_steps = 500
+  config = demo.get_config_2000_steps_of_32()
   config.data.dir = encode_config.default_output_dir("mnist_demo_64_taef2")
   config.data.encode_config = "configs/encode/demo_latent.py"
   config.data.autoencoder = "taef2"
