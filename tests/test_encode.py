@@ -385,6 +385,12 @@ def test_killed_job_resumes_to_same_dataset(vae, tmp_path):
     np.testing.assert_array_equal(a["mean"], b["mean"])
 
 
+def _last_json_line(stdout: str) -> dict:
+  lines = [line for line in stdout.splitlines() if line.startswith("{")]
+  assert lines, f"no JSON summary line in:\n{stdout[-3000:]}"
+  return json.loads(lines[-1])
+
+
 def _two_processes(images, out, vae_dir, timeout=240):
   """The encode job as two processes of one jax.distributed job; [(returncode, stdout, stderr)]."""
   port = localhost.free_port()
@@ -434,7 +440,9 @@ def test_two_processes_encode_disjoint_halves(vae, tmp_path):
   procs, outputs = _two_processes(tmp_path / "img", out, vae_dir)
   for p, (stdout, stderr) in zip(procs, outputs):
     assert p.returncode == 0, stderr[-3000:]
-  summaries = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+  # Gloo's C++ side prints its own lines ("[Gloo] Rank 1 is connected ...") to the same stdout,
+  # flushed at exit, so the summary is the last line that is a JSON object, not the last line.
+  summaries = [_last_json_line(stdout) for stdout, _ in outputs]
   assert [s["shards_written"] for s in summaries] == [3, 3]
   assert sum(s["images_read"] for s in summaries) == 11
   assert "dataset" in summaries[0] and "dataset" not in summaries[1]
